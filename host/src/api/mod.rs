@@ -1,0 +1,3 @@
+//! The HTTP API: producer ingest and admin endpoints.
+
+pub mod ingest;

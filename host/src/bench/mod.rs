@@ -1,0 +1,31 @@
+//! `ordo bench`: benchmark commands that print a table and record it in
+//! BENCHMARKS.md. Figures are measured, never asserted in tests.
+
+mod report;
+mod sandbox;
+
+use clap::{Args, Subcommand};
+
+pub use report::{machine_summary, record_section};
+
+/// `ordo bench ...`
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Sandbox cost per message: warm call, fresh instance + call, 1 KiB payload.
+    Sandbox(sandbox::SandboxArgs),
+}
+
+/// Runs a bench command.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Sandbox(a) => {
+            tokio::task::spawn_blocking(move || sandbox::run(a)).await?
+        }
+    }
+}

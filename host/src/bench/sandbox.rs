@@ -1,0 +1,120 @@
+//! Sandbox micro-benchmark: what running one message in a fresh, limited
+//! instance costs, separate from the ledger and the network.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::runtime::{HandlerLimits, HandlerModule, MemoryState, Message, Runtime, RuntimeConfig};
+
+/// Options of `ordo bench sandbox`.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Directory holding `noop.wasm` and `counter.wasm` (built by scripts/build-guests.sh).
+    #[arg(long, default_value = "target/handlers")]
+    handlers_dir: PathBuf,
+    /// Calls per case.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Markdown file to record the table in.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+}
+
+struct Row {
+    case: &'static str,
+    samples: Vec<Duration>,
+}
+
+impl Row {
+    fn pct(&self, p: f64) -> f64 {
+        let mut s = self.samples.clone();
+        s.sort();
+        let idx = ((s.len() as f64 - 1.0) * p).round() as usize;
+        s.get(idx).map(|d| d.as_secs_f64() * 1e6).unwrap_or(0.0)
+    }
+
+    fn mean(&self) -> f64 {
+        let total: Duration = self.samples.iter().sum();
+        total.as_secs_f64() * 1e6 / self.samples.len().max(1) as f64
+    }
+}
+
+fn message(payload: Vec<u8>) -> Message {
+    Message {
+        topic: "bench".into(),
+        partition_key: "key".into(),
+        idempotency_key: "id".into(),
+        offset: 0,
+        payload,
+        headers: vec![],
+        attempt: 1,
+    }
+}
+
+fn load(runtime: &Runtime, dir: &std::path::Path, name: &str) -> anyhow::Result<HandlerModule> {
+    let path = dir.join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&path).map_err(|e| {
+        anyhow::anyhow!("reading {}: {e} (run scripts/build-guests.sh first)", path.display())
+    })?;
+    Ok(runtime.load(&bytes, HandlerLimits::default())?)
+}
+
+fn fresh(module: &HandlerModule, msg: &Message, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(n);
+    let mut state: Box<dyn crate::runtime::StateAccess> = Box::new(MemoryState::default());
+    for _ in 0..n {
+        let start = Instant::now();
+        let (inv, s) = module.invoke(msg, state);
+        samples.push(start.elapsed());
+        state = s;
+        if let Err(f) = inv.outcome {
+            anyhow::bail!("benchmark handler failed: {f}");
+        }
+    }
+    Ok(samples)
+}
+
+/// Runs the sandbox benchmark and records it.
+pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let noop = load(&runtime, &args.handlers_dir, "noop")?;
+    let counter = load(&runtime, &args.handlers_dir, "counter")?;
+    let n = args.iterations.max(100);
+    let empty = message(b"{}".to_vec());
+    let kib = message(vec![b'x'; 1024]);
+    let counter_msg = message(br#"{"seq":1}"#.to_vec());
+
+    // Warm-up: page in code, fill the pool's warm slots.
+    fresh(&noop, &empty, 1_000)?;
+
+    let warm = noop.bench_warm_calls(&empty, n)?;
+    let rows = vec![
+        Row { case: "warm call, no-op handler (instance reused)", samples: warm },
+        Row { case: "fresh instance + call, no-op handler", samples: fresh(&noop, &empty, n)? },
+        Row { case: "fresh instance + call, no-op, 1 KiB payload", samples: fresh(&noop, &kib, n)? },
+        Row { case: "fresh instance + call, counter handler", samples: fresh(&counter, &counter_msg, n)? },
+    ];
+
+    let mut table = String::from("| case | mean µs | p50 µs | p99 µs |\n|---|---:|---:|---:|\n");
+    for r in &rows {
+        table.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} |\n",
+            r.case,
+            r.mean(),
+            r.pct(0.5),
+            r.pct(0.99)
+        ));
+    }
+    println!("{table}");
+    let body = format!(
+        "## Sandbox cost per message\n\n{}; {n} calls per case, pooling allocator, \
+         1 s epoch deadline, 64 MiB memory limit.\nReproduce: `scripts/build-guests.sh && \
+         cargo run --release -- bench sandbox`.\n\n{table}",
+        super::machine_summary()
+    );
+    super::record_section(&args.output, "sandbox", &body)?;
+    println!("recorded in {}", args.output.display());
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! ordo: an effectively-once message consumer runtime with sandboxed
+//! WebAssembly handlers.
+//!
+//! See ARCHITECTURE.md at the repository root for the code map and the
+//! invariants each module keeps.
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod demo;
+pub mod runtime;
+pub mod server;
+pub mod source;

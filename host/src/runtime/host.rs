@@ -1,0 +1,481 @@
+//! Per-invocation host state: the overlay, the limits and the WASI context,
+//! plus the host side of the `state`, `outbox` and `log` imports.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::ordo::handler::{log, outbox, state, types};
+use super::bindings::HandlerPre;
+use super::stdio::{Budget, LogSink, Stream};
+use super::{Failure, FailureKind, HandlerError, HandlerLimits, Level, Message};
+
+/// Read access to the committed state of the current message's partition key.
+///
+/// The runtime layers the handler's own uncommitted writes on top, so an
+/// implementation only answers for what is committed (or pending in the
+/// caller's batch).
+pub trait StateAccess: Send {
+    /// The value of `key`, or `None`.
+    fn get(&mut self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+}
+
+/// A [`StateAccess`] over an in-memory map; for tests, benches and tools.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryState(pub BTreeMap<String, Vec<u8>>);
+
+impl StateAccess for MemoryState {
+    fn get(&mut self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.0.get(key).cloned())
+    }
+}
+
+impl MemoryState {
+    /// Applies an overlay's writes, as a commit would.
+    pub fn apply(&mut self, overlay: &Overlay) {
+        for (key, value) in &overlay.writes {
+            match value {
+                Some(v) => self.0.insert(key.clone(), v.clone()),
+                None => self.0.remove(key),
+            };
+        }
+    }
+}
+
+/// One outbox message emitted by a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emit {
+    /// Target topic.
+    pub topic: String,
+    /// Partition key on the target topic.
+    pub partition_key: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+}
+
+/// One line logged through the `log` import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Severity.
+    pub level: Level,
+    /// Text.
+    pub message: String,
+}
+
+/// Everything one invocation did, buffered until the caller commits it.
+#[derive(Debug, Default, Clone)]
+pub struct Overlay {
+    /// State writes, coalesced per key: `Some` = set, `None` = delete.
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// Outbox emits, in order.
+    pub emits: Vec<Emit>,
+    /// Log lines, in order, up to the handler's `max_log_lines`.
+    pub logs: Vec<LogLine>,
+    /// Log lines dropped past the cap.
+    pub dropped_log_lines: usize,
+    /// Bytes of stdout/stderr dropped past the cap.
+    pub dropped_stdio_bytes: usize,
+}
+
+/// The result of [`HandlerModule::invoke`].
+#[derive(Debug)]
+pub struct Invocation {
+    /// `Ok` if the handler returned `ok`; otherwise why not.
+    pub outcome: Result<(), Failure>,
+    /// The buffered effects. On failure, `writes` and `emits` are empty
+    /// (nothing of a failed attempt may be committed); logs are kept.
+    pub overlay: Overlay,
+    /// Wall time of instantiation plus call.
+    pub elapsed: Duration,
+}
+
+/// Enforces memory and table limits, remembering whether a limit was hit so
+/// that the resulting trap is reported as `memory-limit`.
+struct Limiter {
+    memory_bytes: usize,
+    table_elements: usize,
+    instances: usize,
+    hit: Option<String>,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.hit = Some(format!(
+                "memory growth from {current} to {desired} bytes denied (limit {} bytes)",
+                self.memory_bytes
+            ));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            self.hit = Some(format!(
+                "table growth from {current} to {desired} elements denied (limit {})",
+                self.table_elements
+            ));
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.instances * 4
+    }
+
+    fn memories(&self) -> usize {
+        self.instances
+    }
+}
+
+/// The `T` of every `Store`: one per invocation.
+pub(crate) struct HostState {
+    state: Box<dyn StateAccess>,
+    overlay: Overlay,
+    limits: Arc<HandlerLimits>,
+    emit_bytes: usize,
+    write_count: usize,
+    /// Set when the guest exceeded a host quota (the trap's cause).
+    quota: Option<String>,
+    /// Set when reading committed state failed (not the guest's fault).
+    host_error: Option<String>,
+    limiter: Limiter,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HostState {
+    fn over_quota(&mut self, what: String) -> wasmtime::Error {
+        let err = wasmtime::format_err!("{what}");
+        self.quota = Some(what);
+        err
+    }
+}
+
+impl types::Host for HostState {}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        if let Some(pending) = self.overlay.writes.get(&key) {
+            return Ok(pending.clone());
+        }
+        match self.state.get(&key) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                let text = format!("reading state key {key:?}: {e:#}");
+                self.host_error = Some(text.clone());
+                Err(wasmtime::format_err!("{text}"))
+            }
+        }
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        if value.len() > self.limits.max_state_value_bytes {
+            return Err(self.over_quota(format!(
+                "state value for key {key:?} is {} bytes, over the {}-byte limit",
+                value.len(),
+                self.limits.max_state_value_bytes
+            )));
+        }
+        self.count_write()?;
+        self.overlay.writes.insert(key, Some(value));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.count_write()?;
+        self.overlay.writes.insert(key, None);
+        Ok(())
+    }
+}
+
+impl HostState {
+    fn count_write(&mut self) -> wasmtime::Result<()> {
+        self.write_count += 1;
+        if self.write_count > self.limits.max_state_writes {
+            return Err(self.over_quota(format!(
+                "more than {} state writes in one message",
+                self.limits.max_state_writes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl outbox::Host for HostState {
+    fn emit(
+        &mut self,
+        topic: String,
+        partition_key: String,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> wasmtime::Result<()> {
+        self.emit_bytes += payload.len();
+        if self.overlay.emits.len() >= self.limits.max_emits {
+            return Err(self.over_quota(format!(
+                "more than {} outbox emits in one message",
+                self.limits.max_emits
+            )));
+        }
+        if self.emit_bytes > self.limits.max_emit_bytes {
+            return Err(self.over_quota(format!(
+                "more than {} bytes emitted in one message",
+                self.limits.max_emit_bytes
+            )));
+        }
+        if topic.is_empty() || partition_key.is_empty() {
+            return Err(self.over_quota(
+                "outbox emit with an empty topic or partition key".to_string(),
+            ));
+        }
+        self.overlay.emits.push(Emit {
+            topic,
+            partition_key,
+            payload,
+            headers,
+        });
+        Ok(())
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        if self.overlay.logs.len() >= self.limits.max_log_lines {
+            self.overlay.dropped_log_lines += 1;
+            return Ok(());
+        }
+        match level {
+            Level::Trace => tracing::trace!(target: "ordo::guest", "{message}"),
+            Level::Debug => tracing::debug!(target: "ordo::guest", "{message}"),
+            Level::Info => tracing::info!(target: "ordo::guest", "{message}"),
+            Level::Warn => tracing::warn!(target: "ordo::guest", "{message}"),
+            Level::Error => tracing::error!(target: "ordo::guest", "{message}"),
+        }
+        self.overlay.logs.push(LogLine { level, message });
+        Ok(())
+    }
+}
+
+/// A loaded handler version: a pre-linked component ready to instantiate.
+///
+/// Cheap to clone; share it between lanes.
+#[derive(Clone)]
+pub struct HandlerModule {
+    pre: HandlerPre<HostState>,
+    content_hash: Arc<str>,
+    size: usize,
+    limits: Arc<HandlerLimits>,
+    deadline_ticks: u64,
+}
+
+impl std::fmt::Debug for HandlerModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerModule")
+            .field("content_hash", &self.content_hash)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandlerModule {
+    pub(crate) fn new(
+        pre: HandlerPre<HostState>,
+        content_hash: String,
+        size: usize,
+        limits: HandlerLimits,
+        tick: Duration,
+    ) -> Self {
+        let tick_ns = tick.as_nanos().max(1);
+        let deadline_ticks = limits.deadline().as_nanos().div_ceil(tick_ns).max(1) as u64;
+        HandlerModule {
+            pre,
+            content_hash: content_hash.into(),
+            size,
+            limits: Arc::new(limits),
+            deadline_ticks,
+        }
+    }
+
+    /// SHA-256 of the component bytes, lower-case hex.
+    pub fn content_hash(&self) -> &str {
+        &self.content_hash
+    }
+
+    /// Size of the component in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The limits applied to each invocation.
+    pub fn limits(&self) -> &HandlerLimits {
+        &self.limits
+    }
+
+    fn new_store(&self, state: Box<dyn StateAccess>, budget: &Arc<Budget>) -> Store<HostState> {
+        let limits = &self.limits;
+        let wasi = WasiCtxBuilder::new()
+            .stdout(LogSink::new(Stream::Stdout, budget.clone()))
+            .stderr(LogSink::new(Stream::Stderr, budget.clone()))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let host = HostState {
+            state,
+            overlay: Overlay::default(),
+            limits: limits.clone(),
+            emit_bytes: 0,
+            write_count: 0,
+            quota: None,
+            host_error: None,
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                instances: limits.instances,
+                hit: None,
+            },
+            wasi,
+            table: ResourceTable::new(),
+        };
+        let mut store = Store::new(self.pre.engine(), host);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store
+    }
+
+    /// Benchmark helper: instantiates once and times `n` calls of `handle`
+    /// on the same instance (no isolation between calls: never use this for
+    /// real messages).
+    #[doc(hidden)]
+    pub fn bench_warm_calls(&self, msg: &Message, n: usize) -> anyhow::Result<Vec<Duration>> {
+        let budget = Budget::new(self.limits.max_stdio_bytes);
+        let mut store = self.new_store(Box::new(MemoryState::default()), &budget);
+        let handler = self.pre.instantiate(&mut store)?;
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            store.set_epoch_deadline(self.deadline_ticks);
+            let start = Instant::now();
+            let result = handler.call_handle(&mut store, msg)?;
+            samples.push(start.elapsed());
+            if let Err(e) = result {
+                anyhow::bail!("handler failed: {e:?}");
+            }
+        }
+        Ok(samples)
+    }
+
+    /// Runs `handle(msg)` in a fresh instance, reading committed state through
+    /// `state`, and returns what it did together with `state` (so a caller can
+    /// keep a cache across invocations without sharing it).
+    ///
+    /// Blocking; call it from a thread that may block (not an async task).
+    pub fn invoke(
+        &self,
+        msg: &Message,
+        state: Box<dyn StateAccess>,
+    ) -> (Invocation, Box<dyn StateAccess>) {
+        let start = Instant::now();
+        let limits = &self.limits;
+        let budget = Budget::new(limits.max_stdio_bytes);
+        let mut store = self.new_store(state, &budget);
+        let (instantiated, result) = match self.pre.instantiate(&mut store) {
+            Ok(handler) => (true, handler.call_handle(&mut store, msg)),
+            Err(e) => (false, Err(e)),
+        };
+        let mut host = store.into_data();
+        let outcome = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(HandlerError::Retryable(text))) => {
+                Err(Failure::new(FailureKind::Retryable, text))
+            }
+            Ok(Err(HandlerError::Permanent(text))) => {
+                Err(Failure::new(FailureKind::Permanent, text))
+            }
+            Err(err) => Err(classify_error(&mut host, instantiated, err, limits)),
+        };
+        host.overlay.dropped_stdio_bytes = budget.dropped();
+        if outcome.is_err() {
+            host.overlay.writes.clear();
+            host.overlay.emits.clear();
+        }
+        let invocation = Invocation {
+            outcome,
+            overlay: host.overlay,
+            elapsed: start.elapsed(),
+        };
+        (invocation, host.state)
+    }
+}
+
+/// Maps a wasmtime error of one invocation to a [`Failure`].
+fn classify_error(
+    host: &mut HostState,
+    instantiated: bool,
+    err: wasmtime::Error,
+    limits: &HandlerLimits,
+) -> Failure {
+    if let Some(text) = host.host_error.take() {
+        return Failure::new(FailureKind::Host, text);
+    }
+    if let Some(text) = host.quota.take() {
+        return Failure::new(FailureKind::QuotaExceeded, text);
+    }
+    if let Some(text) = host.limiter.hit.take() {
+        return Failure::new(FailureKind::MemoryLimit, text);
+    }
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Failure::new(
+            FailureKind::Trap,
+            format!("guest called exit({})", exit.0),
+        );
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Failure::new(
+            FailureKind::Deadline,
+            format!("handler ran past its {} ms deadline", limits.deadline_ms),
+        ),
+        Some(Trap::StackOverflow) => Failure::new(
+            FailureKind::StackOverflow,
+            format!("wasm stack exhausted (deep recursion): {err:#}"),
+        ),
+        Some(_) => Failure::new(FailureKind::Trap, format!("{err:#}")),
+        // Instantiation failing for reasons other than the guest's own
+        // limits (e.g. the instance pool is exhausted) is the host's problem.
+        None if !instantiated => Failure::new(
+            FailureKind::Host,
+            format!("instantiation failed: {err:#}"),
+        ),
+        None => Failure::new(FailureKind::Trap, format!("{err:#}")),
+    }
+}

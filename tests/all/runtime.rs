@@ -1,0 +1,353 @@
+//! The sandbox on its own: handler behaviour through the real runtime, and
+//! hostile components contained.
+
+use std::time::{Duration, Instant};
+
+use ordo::runtime::{
+    FailureKind, HandlerLimits, HandlerModule, LoadError, MemoryState, Message, Overlay, Runtime,
+    RuntimeConfig,
+};
+
+use crate::fixtures::{component_from_core, handler_bytes, HANDLE_SIG};
+
+fn runtime() -> Runtime {
+    Runtime::new(RuntimeConfig::default()).expect("runtime starts")
+}
+
+fn message(key: &str, seq: u64, payload: &str) -> Message {
+    Message {
+        topic: "t".into(),
+        partition_key: key.into(),
+        idempotency_key: format!("{key}-{seq}"),
+        offset: seq,
+        payload: payload.as_bytes().to_vec(),
+        headers: vec![("h".into(), "v".into())],
+        attempt: 1,
+    }
+}
+
+/// Runs one message against `state`, applying the overlay on success.
+fn run(module: &HandlerModule, state: &mut MemoryState, msg: &Message) -> ordo::runtime::Invocation {
+    let (invocation, _) = module.invoke(msg, Box::new(state.clone()));
+    if invocation.outcome.is_ok() {
+        state.apply(&invocation.overlay);
+    }
+    invocation
+}
+
+fn text(overlay: &Overlay, key: &str) -> Option<String> {
+    overlay
+        .writes
+        .get(key)
+        .cloned()
+        .flatten()
+        .map(|v| String::from_utf8(v).expect("utf-8 state"))
+}
+
+fn counter(runtime: &Runtime) -> HandlerModule {
+    runtime
+        .load(&handler_bytes("counter"), HandlerLimits::default())
+        .expect("counter loads")
+}
+
+/// The counter still behaves after whatever the caller did to the runtime.
+fn assert_counter_works(runtime: &Runtime) {
+    let module = counter(runtime);
+    let mut state = MemoryState::default();
+    for seq in 1..=3 {
+        let inv = run(&module, &mut state, &message("k", seq, &format!(r#"{{"seq":{seq}}}"#)));
+        assert_eq!(inv.outcome, Ok(()));
+    }
+    assert_eq!(state.0.get("seqs").map(|v| v.as_slice()), Some(&b"1,2,3"[..]));
+    assert_eq!(state.0.get("count").map(|v| v.as_slice()), Some(&b"3"[..]));
+}
+
+#[test]
+fn counter_appends_seq_and_counts() {
+    let runtime = runtime();
+    let module = counter(&runtime);
+    let mut state = MemoryState::default();
+
+    let first = run(&module, &mut state, &message("k", 1, r#"{"seq":1}"#));
+    assert_eq!(first.outcome, Ok(()));
+    assert_eq!(text(&first.overlay, "seqs").as_deref(), Some("1"));
+    assert_eq!(text(&first.overlay, "count").as_deref(), Some("1"));
+    assert!(first.overlay.emits.is_empty());
+    assert!(!first.overlay.logs.is_empty(), "counter logs one line per message");
+
+    let second = run(&module, &mut state, &message("k", 7, r#"{"seq":7,"other":true}"#));
+    assert_eq!(second.outcome, Ok(()));
+    assert_eq!(text(&second.overlay, "seqs").as_deref(), Some("1,7"));
+    assert_eq!(text(&second.overlay, "count").as_deref(), Some("2"));
+}
+
+#[test]
+fn counter_errors_leave_state_untouched() {
+    let runtime = runtime();
+    let module = counter(&runtime);
+    let mut state = MemoryState::default();
+    run(&module, &mut state, &message("k", 1, r#"{"seq":1}"#));
+
+    let retry = run(&module, &mut state, &message("k", 2, r#"{"seq":2,"fail":"retryable"}"#));
+    let failure = retry.outcome.expect_err("retryable fails");
+    assert_eq!(failure.kind, FailureKind::Retryable);
+    assert!(retry.overlay.writes.is_empty());
+
+    let perm = run(&module, &mut state, &message("k", 3, r#"{"seq":3,"fail":"permanent"}"#));
+    assert_eq!(perm.outcome.expect_err("permanent fails").kind, FailureKind::Permanent);
+    assert!(perm.overlay.writes.is_empty());
+
+    let garbage = run(&module, &mut state, &message("k", 4, "not json"));
+    assert_eq!(garbage.outcome.expect_err("garbage fails").kind, FailureKind::Permanent);
+
+    let trap = run(&module, &mut state, &message("k", 5, r#"{"seq":5,"fail":"trap"}"#));
+    assert_eq!(trap.outcome.expect_err("trap fails").kind, FailureKind::Trap);
+
+    assert_eq!(state.0.get("seqs").map(|v| v.as_slice()), Some(&b"1"[..]));
+    assert_eq!(state.0.get("count").map(|v| v.as_slice()), Some(&b"1"[..]));
+}
+
+#[test]
+fn counter_emits_payload_without_emit_field() {
+    let runtime = runtime();
+    let module = counter(&runtime);
+    let mut state = MemoryState::default();
+    let inv = run(
+        &module,
+        &mut state,
+        &message("k", 1, r#"{"seq":1,"emit":{"topic":"out","key":"other"},"x":5}"#),
+    );
+    assert_eq!(inv.outcome, Ok(()));
+    assert_eq!(inv.overlay.emits.len(), 1);
+    let emit = &inv.overlay.emits[0];
+    assert_eq!(emit.topic, "out");
+    assert_eq!(emit.partition_key, "other");
+    let payload: serde_json::Value = serde_json::from_slice(&emit.payload).expect("json payload");
+    assert_eq!(payload, serde_json::json!({"seq": 1, "x": 5}));
+    assert_eq!(emit.headers, vec![("h".to_string(), "v".to_string())]);
+    assert_eq!(text(&inv.overlay, "seqs").as_deref(), Some("1"));
+}
+
+fn account_balance(state: &MemoryState) -> i64 {
+    let raw = state.0.get("account").expect("account state");
+    let value: serde_json::Value = serde_json::from_slice(raw).expect("account json");
+    value["balance"].as_i64().expect("balance")
+}
+
+#[test]
+fn bank_deposit_withdraw_transfer() {
+    let runtime = runtime();
+    let module = runtime
+        .load(&handler_bytes("bank"), HandlerLimits::default())
+        .expect("bank loads");
+    let mut alice = MemoryState::default();
+
+    let dep = run(&module, &mut alice, &message("alice", 1, r#"{"op":"deposit","amount":100}"#));
+    assert_eq!(dep.outcome, Ok(()));
+    assert_eq!(account_balance(&alice), 100);
+
+    let wd = run(&module, &mut alice, &message("alice", 2, r#"{"op":"withdraw","amount":30}"#));
+    assert_eq!(wd.outcome, Ok(()));
+    assert_eq!(account_balance(&alice), 70);
+
+    let over = run(&module, &mut alice, &message("alice", 3, r#"{"op":"withdraw","amount":71}"#));
+    assert_eq!(over.outcome.expect_err("overdraft").kind, FailureKind::Permanent);
+    assert!(over.overlay.writes.is_empty());
+    assert_eq!(account_balance(&alice), 70);
+
+    let xfer = run(
+        &module,
+        &mut alice,
+        &message("alice", 4, r#"{"op":"transfer","amount":20,"to":"bob"}"#),
+    );
+    assert_eq!(xfer.outcome, Ok(()));
+    assert_eq!(account_balance(&alice), 50);
+    assert_eq!(xfer.overlay.emits.len(), 1);
+    let emit = &xfer.overlay.emits[0];
+    assert_eq!(emit.partition_key, "bob");
+    assert_eq!(emit.topic, "t");
+    let deposit: serde_json::Value = serde_json::from_slice(&emit.payload).expect("json");
+    assert_eq!(deposit["op"], "deposit");
+    assert_eq!(deposit["amount"], 20);
+
+    let mut bob = MemoryState::default();
+    let credit = Message {
+        payload: emit.payload.clone(),
+        ..message("bob", 1, "")
+    };
+    assert_eq!(run(&module, &mut bob, &credit).outcome, Ok(()));
+    assert_eq!(account_balance(&bob), 20);
+
+    let bad = run(&module, &mut bob, &message("bob", 2, r#"{"op":"steal","amount":5}"#));
+    assert_eq!(bad.outcome.expect_err("bad op").kind, FailureKind::Permanent);
+    let negative = run(&module, &mut bob, &message("bob", 3, r#"{"op":"deposit","amount":-5}"#));
+    assert_eq!(negative.outcome.expect_err("negative").kind, FailureKind::Permanent);
+}
+
+fn load_core(runtime: &Runtime, body: &str, limits: HandlerLimits) -> HandlerModule {
+    runtime
+        .load(&component_from_core(body), limits)
+        .expect("fixture component loads")
+}
+
+fn invoke_once(module: &HandlerModule) -> ordo::runtime::Invocation {
+    module
+        .invoke(&message("k", 1, "{}"), Box::new(MemoryState::default()))
+        .0
+}
+
+#[test]
+fn wat_fixture_ok_handler_runs() {
+    let runtime = runtime();
+    let module = load_core(
+        &runtime,
+        &format!("(func {HANDLE_SIG} (i32.const 0))"),
+        HandlerLimits::default(),
+    );
+    assert_eq!(invoke_once(&module).outcome, Ok(()));
+}
+
+#[test]
+fn infinite_loop_hits_deadline() {
+    let runtime = runtime();
+    let limits = HandlerLimits {
+        deadline_ms: 200,
+        ..HandlerLimits::default()
+    };
+    let module = load_core(
+        &runtime,
+        &format!("(func {HANDLE_SIG} (loop $l (br $l)) (i32.const 0))"),
+        limits,
+    );
+    let start = Instant::now();
+    let inv = invoke_once(&module);
+    let elapsed = start.elapsed();
+    assert_eq!(inv.outcome.expect_err("loop stopped").kind, FailureKind::Deadline);
+    assert!(
+        elapsed < Duration::from_millis(400),
+        "deadline 200 ms, stopped after {elapsed:?}"
+    );
+    assert_counter_works(&runtime);
+}
+
+#[test]
+fn memory_growth_past_limit_is_stopped() {
+    let runtime = runtime();
+    let limits = HandlerLimits {
+        memory_bytes: 8 << 20,
+        ..HandlerLimits::default()
+    };
+    // Grows 1 MiB at a time until refused, then traps.
+    let module = load_core(
+        &runtime,
+        &format!(
+            "(func {HANDLE_SIG} (loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable)"
+        ),
+        limits,
+    );
+    let failure = invoke_once(&module).outcome.expect_err("bomb stopped");
+    assert_eq!(failure.kind, FailureKind::MemoryLimit, "{failure}");
+    assert_counter_works(&runtime);
+}
+
+#[test]
+fn deep_recursion_is_stopped() {
+    let runtime = runtime();
+    let module = load_core(
+        &runtime,
+        &format!(
+            "(func $r (param i32) (result i32) (call $r (i32.add (local.get 0) (i32.const 1))))
+             (func {HANDLE_SIG} (call $r (i32.const 0)))"
+        ),
+        HandlerLimits::default(),
+    );
+    let failure = invoke_once(&module).outcome.expect_err("recursion stopped");
+    assert_eq!(failure.kind, FailureKind::StackOverflow, "{failure}");
+    assert_counter_works(&runtime);
+}
+
+#[test]
+fn trap_is_reported() {
+    let runtime = runtime();
+    let module = load_core(
+        &runtime,
+        &format!("(func {HANDLE_SIG} unreachable)"),
+        HandlerLimits::default(),
+    );
+    let failure = invoke_once(&module).outcome.expect_err("trap");
+    assert_eq!(failure.kind, FailureKind::Trap);
+    assert!(failure.message.contains("unreachable"), "{failure}");
+    assert_counter_works(&runtime);
+}
+
+#[test]
+fn forbidden_import_is_rejected_by_name() {
+    let runtime = runtime();
+    let component = wat::parse_str(r#"(component (import "wasi:sockets/tcp@0.2.0" (instance)))"#)
+        .expect("wat");
+    let err = runtime
+        .load(&component, HandlerLimits::default())
+        .expect_err("forbidden import");
+    assert!(
+        matches!(&err, LoadError::ForbiddenImport { import } if import == "wasi:sockets/tcp@0.2.0"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("wasi:sockets/tcp@0.2.0"));
+    assert_counter_works(&runtime);
+}
+
+#[test]
+fn core_module_and_garbage_are_rejected_clearly() {
+    let runtime = runtime();
+    let core = wat::parse_str("(module)").expect("wat");
+    let err = runtime.load(&core, HandlerLimits::default()).expect_err("core module");
+    assert!(matches!(err, LoadError::NotAComponent), "{err}");
+    assert!(err.to_string().contains("not a component"));
+
+    let err = runtime
+        .load(b"definitely not wasm", HandlerLimits::default())
+        .expect_err("garbage");
+    assert!(matches!(err, LoadError::NotWasm), "{err}");
+
+    let empty = wat::parse_str("(component)").expect("wat");
+    let err = runtime.load(&empty, HandlerLimits::default()).expect_err("no export");
+    assert!(matches!(err, LoadError::WrongWorld(_)), "{err}");
+    assert!(err.to_string().contains("handle"), "{err}");
+
+    let small = Runtime::new(RuntimeConfig {
+        max_component_bytes: 1024,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let err = small
+        .load(&handler_bytes("counter"), HandlerLimits::default())
+        .expect_err("oversize");
+    assert!(matches!(err, LoadError::TooLarge { .. }), "{err}");
+    assert_counter_works(&runtime);
+}
+
+#[test]
+fn compiled_artifacts_are_cached_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..RuntimeConfig::default()
+    };
+    let first = Runtime::new(config.clone()).expect("runtime");
+    let module = counter(&first);
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "one artifact: {files:?}");
+    let name = files[0].file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    assert!(name.starts_with(module.content_hash()), "{name}");
+
+    // A second runtime loads from the cache; a corrupt artifact is replaced.
+    let second = Runtime::new(config.clone()).expect("runtime");
+    assert_counter_works(&second);
+    std::fs::write(&files[0], b"corrupt").expect("corrupt artifact");
+    let third = Runtime::new(config).expect("runtime");
+    assert_counter_works(&third);
+    assert!(std::fs::read(&files[0]).expect("artifact").len() > 1000);
+}
