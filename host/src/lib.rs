@@ -11,3 +11,6 @@ pub mod demo;
 pub mod runtime;
 pub mod server;
 pub mod source;
+pub mod dispatch;
+pub mod host;
+pub mod ledger;

@@ -22,6 +22,10 @@ use super::{Failure, FailureKind, HandlerError, HandlerLimits, Level, Message};
 pub trait StateAccess: Send {
     /// The value of `key`, or `None`.
     fn get(&mut self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+
+    /// Returns the concrete value, so a caller that handed its own type to
+    /// [`HandlerModule::invoke`] can take it back (`downcast`).
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
 /// A [`StateAccess`] over an in-memory map; for tests, benches and tools.
@@ -31,6 +35,10 @@ pub struct MemoryState(pub BTreeMap<String, Vec<u8>>);
 impl StateAccess for MemoryState {
     fn get(&mut self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.0.get(key).cloned())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
     }
 }
 

@@ -1,0 +1,20 @@
+//! The dispatcher: one lane per (handler, partition).
+//!
+//! A lane reads its partition in offset order from its committed cursor,
+//! skips duplicates, runs the handler on each new message, and hands the
+//! batch's effects to the ledger as ONE transaction; it waits for the group
+//! flush before it counts the batch or reads further. Lanes run concurrently;
+//! within a lane everything is serial, which is what gives per-key order.
+//!
+//! Architecture invariant: guest code never runs inside a ledger
+//! transaction; the transaction only applies the buffered overlay.
+//!
+//! Architecture invariant: a message's effects, its dedup record and the
+//! cursor advance past it are in the same transaction; a failed message's
+//! dead letter likewise.
+
+mod lane;
+mod stats;
+
+pub use lane::{run_lane, ActiveVersion, LaneContext, EMBEDDED_SOURCE};
+pub use stats::{BatchCounts, HandlerStats};

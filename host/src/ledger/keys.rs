@@ -1,0 +1,167 @@
+//! Every key encoding of every ledger tree, in one place.
+//!
+//! Integers are big-endian so byte order equals numeric order; strings are a
+//! u32 big-endian length followed by the UTF-8 bytes, so a prefix of one
+//! string can never be confused with another (`"a"` vs `"ab"`) and range
+//! scans over a prefix of components are exact.
+//!
+//! | tree | key |
+//! |---|---|
+//! | `log` | str topic, u32 partition, u64 offset |
+//! | `cursor` | str handler, str source, u32 partition |
+//! | `state` | str handler, str partition key, str state key |
+//! | `dedup` | str handler, str idempotency key |
+//! | `outbox` | u64 sequence |
+//! | `dlq` | str handler, u64 sequence |
+//! | `handlers` | str name, u64 version |
+//! | `artifacts` | content hash (hex, raw bytes) |
+//! | `meta` | `topic/` + topic name |
+
+/// Builds a key from components.
+#[derive(Default)]
+pub struct KeyBuf(Vec<u8>);
+
+impl KeyBuf {
+    /// An empty key.
+    pub fn new() -> Self {
+        KeyBuf(Vec::with_capacity(64))
+    }
+
+    /// Appends a length-prefixed string.
+    pub fn str(mut self, s: &str) -> Self {
+        self.0.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+        self
+    }
+
+    /// Appends a big-endian u32.
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends a big-endian u64.
+    pub fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// The encoded bytes.
+    pub fn done(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// Reads components back from a key.
+pub struct KeyReader<'a>(&'a [u8]);
+
+impl<'a> KeyReader<'a> {
+    /// Starts reading `key`.
+    pub fn new(key: &'a [u8]) -> Self {
+        KeyReader(key)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    /// Reads a length-prefixed string.
+    pub fn str(&mut self) -> Option<&'a str> {
+        let len = u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize;
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    /// Reads a big-endian u32.
+    pub fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    /// Reads a big-endian u64.
+    pub fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// `log` key of one message.
+pub fn log(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
+    KeyBuf::new().str(topic).u32(partition).u64(offset).done()
+}
+
+/// Prefix of all `log` keys of one partition.
+pub fn log_partition(topic: &str, partition: u32) -> Vec<u8> {
+    KeyBuf::new().str(topic).u32(partition).done()
+}
+
+/// `cursor` key.
+pub fn cursor(handler: &str, source: &str, partition: u32) -> Vec<u8> {
+    KeyBuf::new().str(handler).str(source).u32(partition).done()
+}
+
+/// `state` key.
+pub fn state(handler: &str, partition_key: &str, state_key: &str) -> Vec<u8> {
+    KeyBuf::new().str(handler).str(partition_key).str(state_key).done()
+}
+
+/// `dedup` key.
+pub fn dedup(handler: &str, idempotency_key: &str) -> Vec<u8> {
+    KeyBuf::new().str(handler).str(idempotency_key).done()
+}
+
+/// `dlq` key.
+pub fn dlq(handler: &str, sequence: u64) -> Vec<u8> {
+    KeyBuf::new().str(handler).u64(sequence).done()
+}
+
+/// Prefix of one handler's keys (`dlq`, `dedup`, `state`, `cursor`, `handlers`).
+pub fn handler_prefix(handler: &str) -> Vec<u8> {
+    KeyBuf::new().str(handler).done()
+}
+
+/// `handlers` key.
+pub fn handler_version(name: &str, version: u64) -> Vec<u8> {
+    KeyBuf::new().str(name).u64(version).done()
+}
+
+/// `outbox` key.
+pub fn outbox(sequence: u64) -> Vec<u8> {
+    sequence.to_be_bytes().to_vec()
+}
+
+/// Prefix of topic configurations in `meta`.
+pub const TOPIC_META_PREFIX: &[u8] = b"topic/";
+
+/// `meta` key of a topic's configuration.
+pub fn topic_meta(topic: &str) -> Vec<u8> {
+    let mut k = TOPIC_META_PREFIX.to_vec();
+    k.extend_from_slice(topic.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_order() {
+        let k = log("orders", 3, 256);
+        let mut r = KeyReader::new(&k);
+        assert_eq!((r.str(), r.u32(), r.u64()), (Some("orders"), Some(3), Some(256)));
+        assert!(log("t", 0, 255) < log("t", 0, 256));
+        assert!(log("t", 0, u64::MAX) < log("t", 1, 0));
+        assert!(log("t", 1, 5).starts_with(&log_partition("t", 1)));
+        assert!(!log("t", 10, 5).starts_with(&log_partition("t", 1)));
+    }
+
+    #[test]
+    fn prefixes_do_not_collide() {
+        assert!(!dlq("ab", 1).starts_with(&handler_prefix("a")));
+        assert!(dlq("a", 1).starts_with(&handler_prefix("a")));
+        assert_ne!(state("a", "bc", "d"), state("ab", "c", "d"));
+        assert_ne!(dedup("a", "b"), dedup("ab", ""));
+    }
+}

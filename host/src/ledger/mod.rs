@@ -1,0 +1,527 @@
+//! The ledger: ordo's single source of truth, an embedded sled database.
+//!
+//! It holds the embedded log (`log`), every handler's state (`state`), the
+//! idempotency records (`dedup`), the source positions (`cursor`), the
+//! outbox (`outbox`), dead letters (`dlq`), deployed versions (`handlers`,
+//! `artifacts`) and settings (`meta`). Key encodings are in [`keys`].
+//!
+//! A lane's batch is applied with [`Ledger::commit`] as ONE sled
+//! transaction over `state`, `dedup`, `cursor`, `outbox`, `dlq` and `log`,
+//! then made durable by the [`GroupCommitter`]'s shared flush.
+//!
+//! Architecture invariant: transaction closures are pure — they may rerun
+//! (sled transactions are optimistic), so everything that must happen once
+//! (offset and sequence assignment, guest code) happens outside them.
+//!
+//! Durability: sled 0.34's `flush` writes its log with `sync_file_range`,
+//! which neither flushes the drive's write cache nor the file's metadata.
+//! [`Ledger::flush`] therefore follows it with `fdatasync` of sled's data
+//! file (and the data directory is fsynced on open), so a flush that
+//! returns means the bytes are on stable storage.
+
+pub mod commit;
+pub mod keys;
+pub mod records;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::{Transactional, Tree};
+
+pub use commit::GroupCommitter;
+pub use records::{
+    DeadLetter, DedupOutcome, DedupRecord, Envelope, HandlerVersion, TopicConfig,
+};
+use records::{decode, encode};
+
+/// Ledger errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// sled failed (I/O, corruption detected by sled).
+    #[error("storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// A file operation outside sled failed.
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A record did not decode.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// A record did not encode.
+    #[error("cannot encode record: {0}")]
+    Encode(String),
+    /// A previous flush failed; nothing more is acknowledged.
+    #[error("ledger is not durable (a flush failed: {0}); restart the host")]
+    NotDurable(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, LedgerError>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything one lane batch commits, applied in one transaction.
+#[derive(Debug, Default, Clone)]
+pub struct CommitBatch {
+    /// (handler, partition key, state key, value); `None` deletes.
+    pub state: Vec<(String, String, String, Option<Vec<u8>>)>,
+    /// (handler, idempotency key, record).
+    pub dedup: Vec<(String, String, DedupRecord)>,
+    /// (handler, source, partition, next offset).
+    pub cursors: Vec<(String, String, u32, u64)>,
+    /// Dead letters.
+    pub dlq: Vec<DeadLetter>,
+    /// Messages appended to embedded-log topics: (topic, partition, message).
+    pub log_appends: Vec<(String, u32, Envelope)>,
+}
+
+struct Trees {
+    log: Tree,
+    cursor: Tree,
+    state: Tree,
+    dedup: Tree,
+    outbox: Tree,
+    dlq: Tree,
+    handlers: Tree,
+    artifacts: Tree,
+    meta: Tree,
+}
+
+struct Inner {
+    db: sled::Db,
+    trees: Trees,
+    data_file: Option<File>,
+    /// Next offset per (topic, partition); held while appending so offsets
+    /// are assigned without gaps or races.
+    next_offsets: Mutex<HashMap<(String, u32), u64>>,
+}
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+fn tx_error(e: TransactionError<LedgerError>) -> LedgerError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => LedgerError::Storage(e),
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir`.
+    pub fn open(dir: &Path) -> Result<Ledger> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 << 20)
+            .open()?;
+        let t = |name: &str| db.open_tree(name);
+        let trees = Trees {
+            log: t("log")?,
+            cursor: t("cursor")?,
+            state: t("state")?,
+            dedup: t("dedup")?,
+            outbox: t("outbox")?,
+            dlq: t("dlq")?,
+            handlers: t("handlers")?,
+            artifacts: t("artifacts")?,
+            meta: t("meta")?,
+        };
+        let data_file = File::open(dir.join("db")).ok();
+        if let Some(parent) = dir.parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        if let Ok(d) = File::open(dir) {
+            d.sync_all()?;
+        }
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                db,
+                trees,
+                data_file,
+                next_offsets: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    fn trees(&self) -> &Trees {
+        &self.inner.trees
+    }
+
+    /// Makes every write so far durable: sled flush, then fdatasync.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.db.flush()?;
+        if let Some(f) = &self.inner.data_file {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes used on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    // ---- embedded log ----------------------------------------------------
+
+    fn next_offset_locked(
+        &self,
+        map: &mut HashMap<(String, u32), u64>,
+        topic: &str,
+        partition: u32,
+    ) -> Result<u64> {
+        if let Some(n) = map.get(&(topic.to_string(), partition)) {
+            return Ok(*n);
+        }
+        let prefix = keys::log_partition(topic, partition);
+        let next = match self.trees().log.scan_prefix(&prefix).next_back() {
+            Some(entry) => {
+                let (k, _) = entry?;
+                let mut r = keys::KeyReader::new(&k);
+                let (_, _, offset) = (r.str(), r.u32(), r.u64());
+                offset
+                    .map(|o| o + 1)
+                    .ok_or_else(|| LedgerError::Corrupt("log key".into()))?
+            }
+            None => self
+                .meta_u64(&low_watermark_key(topic, partition))?
+                .unwrap_or(0),
+        };
+        map.insert((topic.to_string(), partition), next);
+        Ok(next)
+    }
+
+    fn lock_offsets(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), u64>> {
+        self.inner
+            .next_offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Assigns consecutive offsets to `items` (under the offsets lock).
+    fn assign_offsets(
+        &self,
+        map: &mut HashMap<(String, u32), u64>,
+        items: &[(&str, u32)],
+    ) -> Result<(Vec<u64>, HashMap<(String, u32), u64>)> {
+        let mut next: HashMap<(String, u32), u64> = HashMap::new();
+        let mut offsets = Vec::with_capacity(items.len());
+        for (topic, partition) in items {
+            let k = (topic.to_string(), *partition);
+            let n = match next.get(&k) {
+                Some(n) => *n,
+                None => self.next_offset_locked(map, topic, *partition)?,
+            };
+            offsets.push(n);
+            next.insert(k, n + 1);
+        }
+        Ok((offsets, next))
+    }
+
+    /// Appends messages to `topic` atomically (all or nothing) and returns
+    /// their offsets, in order. Not durable until flushed.
+    pub fn append_batch(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
+        let mut map = self.lock_offsets();
+        let targets: Vec<(&str, u32)> = items.iter().map(|(p, _)| (topic, *p)).collect();
+        let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
+        let mut batch = sled::Batch::default();
+        for ((partition, env), offset) in items.iter().zip(&offsets) {
+            batch.insert(keys::log(topic, *partition, *offset), encode(env)?);
+        }
+        self.trees().log.apply_batch(batch)?;
+        map.extend(next);
+        Ok(offsets)
+    }
+
+    /// Reads up to `max` messages of a partition from `from` on.
+    pub fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<(u64, Envelope)>> {
+        let start = keys::log(topic, partition, from);
+        let end = keys::log(topic, partition, u64::MAX);
+        let mut out = Vec::new();
+        for entry in self.trees().log.range(start..=end).take(max) {
+            let (k, v) = entry?;
+            let mut r = keys::KeyReader::new(&k);
+            let (_, _, offset) = (r.str(), r.u32(), r.u64());
+            let offset = offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))?;
+            out.push((offset, decode(&v, "log entry")?));
+        }
+        Ok(out)
+    }
+
+    /// The next offset to be assigned in a partition.
+    pub fn high_watermark(&self, topic: &str, partition: u32) -> Result<u64> {
+        let mut map = self.lock_offsets();
+        self.next_offset_locked(&mut map, topic, partition)
+    }
+
+    /// Removes a partition's messages below `offset` (retention).
+    pub fn remove_before(&self, topic: &str, partition: u32, offset: u64) -> Result<usize> {
+        let start = keys::log(topic, partition, 0);
+        let end = keys::log(topic, partition, offset);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for entry in self.trees().log.range(start..end) {
+            let (k, _) = entry?;
+            batch.remove(k);
+            n += 1;
+        }
+        // Remember where the log starts, so offsets never restart at 0 when
+        // a partition is emptied by retention.
+        self.trees()
+            .meta
+            .insert(low_watermark_key(topic, partition), &offset.to_be_bytes())?;
+        self.trees().log.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// Creates a topic (no-op if it exists with any configuration).
+    pub fn create_topic(&self, topic: &str, config: &TopicConfig) -> Result<()> {
+        let key = keys::topic_meta(topic);
+        let value = encode(config)?;
+        let _ = self
+            .trees()
+            .meta
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value))?;
+        Ok(())
+    }
+
+    /// A topic's configuration.
+    pub fn topic_config(&self, topic: &str) -> Result<Option<TopicConfig>> {
+        match self.trees().meta.get(keys::topic_meta(topic))? {
+            Some(v) => Ok(Some(decode(&v, "topic config")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Names of all topics.
+    pub fn topics(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in self.trees().meta.scan_prefix(keys::TOPIC_META_PREFIX) {
+            let (k, _) = entry?;
+            out.push(String::from_utf8_lossy(&k[keys::TOPIC_META_PREFIX.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>> {
+        match self.trees().meta.get(key)? {
+            Some(v) => {
+                let bytes: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| LedgerError::Corrupt("meta u64".into()))?;
+                Ok(Some(u64::from_be_bytes(bytes)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    // ---- handler progress -------------------------------------------------
+
+    /// Next offset a handler processes in a partition (0 if never).
+    pub fn cursor(&self, handler: &str, source: &str, partition: u32) -> Result<u64> {
+        match self.trees().cursor.get(keys::cursor(handler, source, partition))? {
+            Some(v) => {
+                let bytes: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| LedgerError::Corrupt("cursor".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Sets a cursor outside a commit (deploying with `from=latest`).
+    pub fn set_cursor(&self, handler: &str, source: &str, partition: u32, next: u64) -> Result<()> {
+        self.trees()
+            .cursor
+            .insert(keys::cursor(handler, source, partition), &next.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// One committed state value.
+    pub fn state_get(&self, handler: &str, partition_key: &str, state_key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .trees()
+            .state
+            .get(keys::state(handler, partition_key, state_key))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// The idempotency record of a key, if any.
+    pub fn dedup_get(&self, handler: &str, idempotency_key: &str) -> Result<Option<DedupRecord>> {
+        match self.trees().dedup.get(keys::dedup(handler, idempotency_key))? {
+            Some(v) => Ok(Some(decode(&v, "dedup record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies a batch in ONE transaction over state, dedup, cursor, dlq and
+    /// log. Not durable until flushed.
+    pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
+        // Everything that must happen once is prepared outside the closure.
+        let state: Vec<(Vec<u8>, Option<&Vec<u8>>)> = batch
+            .state
+            .iter()
+            .map(|(h, pk, sk, v)| (keys::state(h, pk, sk), v.as_ref()))
+            .collect();
+        let mut dedup = Vec::with_capacity(batch.dedup.len());
+        for (h, k, r) in &batch.dedup {
+            dedup.push((keys::dedup(h, k), encode(r)?));
+        }
+        let cursors: Vec<(Vec<u8>, [u8; 8])> = batch
+            .cursors
+            .iter()
+            .map(|(h, s, p, n)| (keys::cursor(h, s, *p), n.to_be_bytes()))
+            .collect();
+        let mut dlq = Vec::with_capacity(batch.dlq.len());
+        for d in &batch.dlq {
+            let seq = self.inner.db.generate_id()?;
+            dlq.push((keys::dlq(&d.handler, seq), encode(d)?));
+        }
+        let mut offsets_guard = if batch.log_appends.is_empty() {
+            None
+        } else {
+            Some(self.lock_offsets())
+        };
+        let mut log = Vec::with_capacity(batch.log_appends.len());
+        let mut next_offsets = HashMap::new();
+        if let Some(map) = offsets_guard.as_mut() {
+            let targets: Vec<(&str, u32)> =
+                batch.log_appends.iter().map(|(t, p, _)| (t.as_str(), *p)).collect();
+            let (offsets, next) = self.assign_offsets(map, &targets)?;
+            for ((t, p, env), o) in batch.log_appends.iter().zip(offsets) {
+                log.push((keys::log(t, *p, o), encode(env)?));
+            }
+            next_offsets = next;
+        }
+
+        let t = self.trees();
+        (&t.state, &t.dedup, &t.cursor, &t.dlq, &t.log)
+            .transaction(|(state_t, dedup_t, cursor_t, dlq_t, log_t)| {
+                for (k, v) in &state {
+                    match v {
+                        Some(v) => state_t.insert(k.as_slice(), v.as_slice())?,
+                        None => state_t.remove(k.as_slice())?,
+                    };
+                }
+                for (k, v) in &dedup {
+                    dedup_t.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (k, v) in &cursors {
+                    cursor_t.insert(k.as_slice(), &v[..])?;
+                }
+                for (k, v) in &dlq {
+                    dlq_t.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (k, v) in &log {
+                    log_t.insert(k.as_slice(), v.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<LedgerError>>(())
+            })
+            .map_err(tx_error)?;
+        if let Some(mut map) = offsets_guard {
+            map.extend(next_offsets);
+        }
+        Ok(())
+    }
+
+    // ---- dead letters -----------------------------------------------------
+
+    /// Number of dead letters of a handler.
+    pub fn dlq_count(&self, handler: &str) -> Result<u64> {
+        Ok(self
+            .trees()
+            .dlq
+            .scan_prefix(keys::handler_prefix(handler))
+            .count() as u64)
+    }
+
+    /// Dead letters of a handler, oldest first.
+    pub fn dlq_list(&self, handler: &str) -> Result<Vec<(u64, DeadLetter)>> {
+        let mut out = Vec::new();
+        for entry in self.trees().dlq.scan_prefix(keys::handler_prefix(handler)) {
+            let (k, v) = entry?;
+            let mut r = keys::KeyReader::new(&k);
+            let seq = r.str().and(r.u64()).ok_or_else(|| LedgerError::Corrupt("dlq key".into()))?;
+            out.push((seq, decode(&v, "dead letter")?));
+        }
+        Ok(out)
+    }
+
+    // ---- deployed handlers ------------------------------------------------
+
+    /// Records a deployed version.
+    pub fn put_handler_version(&self, v: &HandlerVersion) -> Result<()> {
+        self.trees()
+            .handlers
+            .insert(keys::handler_version(&v.name, v.version), encode(v)?)?;
+        Ok(())
+    }
+
+    /// All versions of a handler, oldest first.
+    pub fn handler_versions(&self, name: &str) -> Result<Vec<HandlerVersion>> {
+        let mut out = Vec::new();
+        for entry in self.trees().handlers.scan_prefix(keys::handler_prefix(name)) {
+            let (_, v) = entry?;
+            out.push(decode(&v, "handler version")?);
+        }
+        Ok(out)
+    }
+
+    /// The latest version of every handler.
+    pub fn all_handlers(&self) -> Result<Vec<HandlerVersion>> {
+        let mut latest: Vec<HandlerVersion> = Vec::new();
+        for entry in self.trees().handlers.iter() {
+            let (_, v) = entry?;
+            let v: HandlerVersion = decode(&v, "handler version")?;
+            match latest.last_mut() {
+                Some(last) if last.name == v.name => *last = v,
+                _ => latest.push(v),
+            }
+        }
+        Ok(latest)
+    }
+
+    /// Stores component bytes by content hash.
+    pub fn put_artifact(&self, content_hash: &str, bytes: &[u8]) -> Result<()> {
+        self.trees().artifacts.insert(content_hash.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Component bytes by content hash.
+    pub fn get_artifact(&self, content_hash: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .trees()
+            .artifacts
+            .get(content_hash.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Outbox entries (reserved for external relays).
+    pub fn outbox_len(&self) -> usize {
+        self.trees().outbox.len()
+    }
+}
+
+fn low_watermark_key(topic: &str, partition: u32) -> Vec<u8> {
+    let mut k = b"low/".to_vec();
+    k.extend_from_slice(&keys::log_partition(topic, partition));
+    k
+}
+
+#[cfg(test)]
+mod tests;
