@@ -52,7 +52,7 @@
 
 #[doc(hidden)]
 pub mod bindings {
-    #![allow(missing_docs)]
+    #![allow(missing_docs, clippy::too_many_arguments)]
     wit_bindgen::generate!({
         path: "../wit",
         world: "handler",
@@ -109,9 +109,8 @@ impl HandlerError {
 impl Message {
     /// Decodes the payload as JSON; a malformed payload is a permanent error.
     pub fn payload_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_slice(&self.payload).map_err(|e| {
-            HandlerError::permanent(format!("payload is not the expected JSON: {e}"))
-        })
+        serde_json::from_slice(&self.payload)
+            .map_err(|e| HandlerError::permanent(format!("payload is not the expected JSON: {e}")))
     }
 
     /// The payload as UTF-8 text; invalid UTF-8 is a permanent error.

@@ -112,7 +112,9 @@ impl Host {
             topics.ensure(&ledger, &name)?;
         }
         let host = Arc::new(Host {
-            exec_slots: Arc::new(Semaphore::new(config.runtime.max_concurrent_instances as usize)),
+            exec_slots: Arc::new(Semaphore::new(
+                config.runtime.max_concurrent_instances as usize,
+            )),
             ledger,
             committer,
             runtime,
@@ -165,7 +167,13 @@ impl Host {
 
     /// Starts lanes for a new handler, or swaps the version of a running one
     /// (lanes switch at their next batch boundary).
-    fn activate(self: &Arc<Self>, name: &str, topic: &str, version: u64, module: crate::runtime::HandlerModule) {
+    fn activate(
+        self: &Arc<Self>,
+        name: &str,
+        topic: &str,
+        version: u64,
+        module: crate::runtime::HandlerModule,
+    ) {
         let active = Some(Arc::new(ActiveVersion { version, module }));
         let mut slots = self.slots();
         if let Some(slot) = slots.get(name) {
@@ -213,7 +221,10 @@ impl Host {
         validate_handler_name(name).map_err(DeployError::BadRequest)?;
         crate::source::validate_topic_name(topic).map_err(DeployError::BadRequest)?;
         let _guard = self.deploy_lock.lock().await;
-        let existing = self.ledger.handler_versions(name).map_err(|e| DeployError::Internal(e.into()))?;
+        let existing = self
+            .ledger
+            .handler_versions(name)
+            .map_err(|e| DeployError::Internal(e.into()))?;
         if let Some(last) = existing.last() {
             if last.topic != topic {
                 return Err(DeployError::Conflict(format!(
@@ -249,7 +260,10 @@ impl Host {
         let start_cursors = if existing.is_empty() && from_latest {
             let mut cursors = Vec::new();
             for p in 0..partitions {
-                let w = self.ledger.high_watermark(topic, p).map_err(|e| DeployError::Internal(e.into()))?;
+                let w = self
+                    .ledger
+                    .high_watermark(topic, p)
+                    .map_err(|e| DeployError::Internal(e.into()))?;
                 cursors.push((p, w));
             }
             cursors
@@ -277,7 +291,11 @@ impl Host {
 
     /// Appends validated messages to `topic` and returns their offsets (in
     /// request order) once they are durable.
-    pub async fn ingest(&self, topic: &str, messages: Vec<IncomingMessage>) -> anyhow::Result<Vec<u64>> {
+    pub async fn ingest(
+        &self,
+        topic: &str,
+        messages: Vec<IncomingMessage>,
+    ) -> anyhow::Result<Vec<u64>> {
         let partitions = self.topics.ensure(&self.ledger, topic)?;
         let now = now_ms();
         let items: Vec<(u32, Envelope)> = messages
@@ -304,10 +322,9 @@ impl Host {
         let ledger = self.ledger.clone();
         let committer = self.committer.clone();
         let topic_owned = topic.to_string();
-        let (offsets, ticket) = tokio::task::spawn_blocking(move || {
-            committer.append(&ledger, &topic_owned, &items)
-        })
-        .await??;
+        let (offsets, ticket) =
+            tokio::task::spawn_blocking(move || committer.append(&ledger, &topic_owned, &items))
+                .await??;
         self.committer.wait_durable(ticket).await?;
         for p in touched {
             self.topics.refresh(&self.ledger, topic, p);
@@ -316,7 +333,12 @@ impl Host {
     }
 
     /// A handler's committed state value.
-    pub fn state_get(&self, handler: &str, partition_key: &str, state_key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    pub fn state_get(
+        &self,
+        handler: &str,
+        partition_key: &str,
+        state_key: &str,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
         Ok(self.ledger.state_get(handler, partition_key, state_key)?)
     }
 
@@ -326,11 +348,18 @@ impl Host {
         let slots = self.slots();
         let mut out = Vec::new();
         for (name, slot) in slots.iter() {
-            let version = slot.active.borrow().as_ref().map(|a| a.version).unwrap_or(0);
+            let version = slot
+                .active
+                .borrow()
+                .as_ref()
+                .map(|a| a.version)
+                .unwrap_or(0);
             let mut lag = 0;
             for p in 0..self.topics.partitions(&slot.topic).unwrap_or(0) {
                 let hwm = self.ledger.high_watermark(&slot.topic, p)?;
-                let cursor = self.ledger.cursor(name, crate::dispatch::EMBEDDED_SOURCE, p)?;
+                let cursor = self
+                    .ledger
+                    .cursor(name, crate::dispatch::EMBEDDED_SOURCE, p)?;
                 lag += hwm.saturating_sub(cursor);
             }
             out.push(HandlerStatus {
@@ -373,7 +402,10 @@ impl Host {
 /// Handler names: 1–128 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_handler_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 128 {
-        return Err(format!("handler name must be 1 to 128 bytes, got {}", name.len()));
+        return Err(format!(
+            "handler name must be 1 to 128 bytes, got {}",
+            name.len()
+        ));
     }
     if let Some(c) = name
         .chars()

@@ -72,4 +72,5 @@ pub fn component_from_core(body: &str) -> Vec<u8> {
 }
 
 /// The `handle` export's core signature (see [`component_from_core`]).
-pub const HANDLE_SIG: &str = r#"(export "handle") (param i32 i32 i32 i32 i32 i32 i64 i32 i32 i32 i32 i32) (result i32)"#;
+pub const HANDLE_SIG: &str =
+    r#"(export "handle") (param i32 i32 i32 i32 i32 i32 i64 i32 i32 i32 i32 i32) (result i32)"#;

@@ -3,4 +3,6 @@
 //! `scripts/build-guests.sh` (the README test command does that).
 
 mod fixtures;
+mod pipeline;
 mod runtime;
+mod server;

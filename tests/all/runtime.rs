@@ -27,7 +27,11 @@ fn message(key: &str, seq: u64, payload: &str) -> Message {
 }
 
 /// Runs one message against `state`, applying the overlay on success.
-fn run(module: &HandlerModule, state: &mut MemoryState, msg: &Message) -> ordo::runtime::Invocation {
+fn run(
+    module: &HandlerModule,
+    state: &mut MemoryState,
+    msg: &Message,
+) -> ordo::runtime::Invocation {
     let (invocation, _) = module.invoke(msg, Box::new(state.clone()));
     if invocation.outcome.is_ok() {
         state.apply(&invocation.overlay);
@@ -55,10 +59,17 @@ fn assert_counter_works(runtime: &Runtime) {
     let module = counter(runtime);
     let mut state = MemoryState::default();
     for seq in 1..=3 {
-        let inv = run(&module, &mut state, &message("k", seq, &format!(r#"{{"seq":{seq}}}"#)));
+        let inv = run(
+            &module,
+            &mut state,
+            &message("k", seq, &format!(r#"{{"seq":{seq}}}"#)),
+        );
         assert_eq!(inv.outcome, Ok(()));
     }
-    assert_eq!(state.0.get("seqs").map(|v| v.as_slice()), Some(&b"1,2,3"[..]));
+    assert_eq!(
+        state.0.get("seqs").map(|v| v.as_slice()),
+        Some(&b"1,2,3"[..])
+    );
     assert_eq!(state.0.get("count").map(|v| v.as_slice()), Some(&b"3"[..]));
 }
 
@@ -73,9 +84,16 @@ fn counter_appends_seq_and_counts() {
     assert_eq!(text(&first.overlay, "seqs").as_deref(), Some("1"));
     assert_eq!(text(&first.overlay, "count").as_deref(), Some("1"));
     assert!(first.overlay.emits.is_empty());
-    assert!(!first.overlay.logs.is_empty(), "counter logs one line per message");
+    assert!(
+        !first.overlay.logs.is_empty(),
+        "counter logs one line per message"
+    );
 
-    let second = run(&module, &mut state, &message("k", 7, r#"{"seq":7,"other":true}"#));
+    let second = run(
+        &module,
+        &mut state,
+        &message("k", 7, r#"{"seq":7,"other":true}"#),
+    );
     assert_eq!(second.outcome, Ok(()));
     assert_eq!(text(&second.overlay, "seqs").as_deref(), Some("1,7"));
     assert_eq!(text(&second.overlay, "count").as_deref(), Some("2"));
@@ -88,20 +106,41 @@ fn counter_errors_leave_state_untouched() {
     let mut state = MemoryState::default();
     run(&module, &mut state, &message("k", 1, r#"{"seq":1}"#));
 
-    let retry = run(&module, &mut state, &message("k", 2, r#"{"seq":2,"fail":"retryable"}"#));
+    let retry = run(
+        &module,
+        &mut state,
+        &message("k", 2, r#"{"seq":2,"fail":"retryable"}"#),
+    );
     let failure = retry.outcome.expect_err("retryable fails");
     assert_eq!(failure.kind, FailureKind::Retryable);
     assert!(retry.overlay.writes.is_empty());
 
-    let perm = run(&module, &mut state, &message("k", 3, r#"{"seq":3,"fail":"permanent"}"#));
-    assert_eq!(perm.outcome.expect_err("permanent fails").kind, FailureKind::Permanent);
+    let perm = run(
+        &module,
+        &mut state,
+        &message("k", 3, r#"{"seq":3,"fail":"permanent"}"#),
+    );
+    assert_eq!(
+        perm.outcome.expect_err("permanent fails").kind,
+        FailureKind::Permanent
+    );
     assert!(perm.overlay.writes.is_empty());
 
     let garbage = run(&module, &mut state, &message("k", 4, "not json"));
-    assert_eq!(garbage.outcome.expect_err("garbage fails").kind, FailureKind::Permanent);
+    assert_eq!(
+        garbage.outcome.expect_err("garbage fails").kind,
+        FailureKind::Permanent
+    );
 
-    let trap = run(&module, &mut state, &message("k", 5, r#"{"seq":5,"fail":"trap"}"#));
-    assert_eq!(trap.outcome.expect_err("trap fails").kind, FailureKind::Trap);
+    let trap = run(
+        &module,
+        &mut state,
+        &message("k", 5, r#"{"seq":5,"fail":"trap"}"#),
+    );
+    assert_eq!(
+        trap.outcome.expect_err("trap fails").kind,
+        FailureKind::Trap
+    );
 
     assert_eq!(state.0.get("seqs").map(|v| v.as_slice()), Some(&b"1"[..]));
     assert_eq!(state.0.get("count").map(|v| v.as_slice()), Some(&b"1"[..]));
@@ -115,7 +154,11 @@ fn counter_emits_payload_without_emit_field() {
     let inv = run(
         &module,
         &mut state,
-        &message("k", 1, r#"{"seq":1,"emit":{"topic":"out","key":"other"},"x":5}"#),
+        &message(
+            "k",
+            1,
+            r#"{"seq":1,"emit":{"topic":"out","key":"other"},"x":5}"#,
+        ),
     );
     assert_eq!(inv.outcome, Ok(()));
     assert_eq!(inv.overlay.emits.len(), 1);
@@ -142,16 +185,31 @@ fn bank_deposit_withdraw_transfer() {
         .expect("bank loads");
     let mut alice = MemoryState::default();
 
-    let dep = run(&module, &mut alice, &message("alice", 1, r#"{"op":"deposit","amount":100}"#));
+    let dep = run(
+        &module,
+        &mut alice,
+        &message("alice", 1, r#"{"op":"deposit","amount":100}"#),
+    );
     assert_eq!(dep.outcome, Ok(()));
     assert_eq!(account_balance(&alice), 100);
 
-    let wd = run(&module, &mut alice, &message("alice", 2, r#"{"op":"withdraw","amount":30}"#));
+    let wd = run(
+        &module,
+        &mut alice,
+        &message("alice", 2, r#"{"op":"withdraw","amount":30}"#),
+    );
     assert_eq!(wd.outcome, Ok(()));
     assert_eq!(account_balance(&alice), 70);
 
-    let over = run(&module, &mut alice, &message("alice", 3, r#"{"op":"withdraw","amount":71}"#));
-    assert_eq!(over.outcome.expect_err("overdraft").kind, FailureKind::Permanent);
+    let over = run(
+        &module,
+        &mut alice,
+        &message("alice", 3, r#"{"op":"withdraw","amount":71}"#),
+    );
+    assert_eq!(
+        over.outcome.expect_err("overdraft").kind,
+        FailureKind::Permanent
+    );
     assert!(over.overlay.writes.is_empty());
     assert_eq!(account_balance(&alice), 70);
 
@@ -178,10 +236,24 @@ fn bank_deposit_withdraw_transfer() {
     assert_eq!(run(&module, &mut bob, &credit).outcome, Ok(()));
     assert_eq!(account_balance(&bob), 20);
 
-    let bad = run(&module, &mut bob, &message("bob", 2, r#"{"op":"steal","amount":5}"#));
-    assert_eq!(bad.outcome.expect_err("bad op").kind, FailureKind::Permanent);
-    let negative = run(&module, &mut bob, &message("bob", 3, r#"{"op":"deposit","amount":-5}"#));
-    assert_eq!(negative.outcome.expect_err("negative").kind, FailureKind::Permanent);
+    let bad = run(
+        &module,
+        &mut bob,
+        &message("bob", 2, r#"{"op":"steal","amount":5}"#),
+    );
+    assert_eq!(
+        bad.outcome.expect_err("bad op").kind,
+        FailureKind::Permanent
+    );
+    let negative = run(
+        &module,
+        &mut bob,
+        &message("bob", 3, r#"{"op":"deposit","amount":-5}"#),
+    );
+    assert_eq!(
+        negative.outcome.expect_err("negative").kind,
+        FailureKind::Permanent
+    );
 }
 
 fn load_core(runtime: &Runtime, body: &str, limits: HandlerLimits) -> HandlerModule {
@@ -222,7 +294,10 @@ fn infinite_loop_hits_deadline() {
     let start = Instant::now();
     let inv = invoke_once(&module);
     let elapsed = start.elapsed();
-    assert_eq!(inv.outcome.expect_err("loop stopped").kind, FailureKind::Deadline);
+    assert_eq!(
+        inv.outcome.expect_err("loop stopped").kind,
+        FailureKind::Deadline
+    );
     assert!(
         elapsed < Duration::from_millis(400),
         "deadline 200 ms, stopped after {elapsed:?}"
@@ -283,8 +358,8 @@ fn trap_is_reported() {
 #[test]
 fn forbidden_import_is_rejected_by_name() {
     let runtime = runtime();
-    let component = wat::parse_str(r#"(component (import "wasi:sockets/tcp@0.2.0" (instance)))"#)
-        .expect("wat");
+    let component =
+        wat::parse_str(r#"(component (import "wasi:sockets/tcp@0.2.0" (instance)))"#).expect("wat");
     let err = runtime
         .load(&component, HandlerLimits::default())
         .expect_err("forbidden import");
@@ -300,7 +375,9 @@ fn forbidden_import_is_rejected_by_name() {
 fn core_module_and_garbage_are_rejected_clearly() {
     let runtime = runtime();
     let core = wat::parse_str("(module)").expect("wat");
-    let err = runtime.load(&core, HandlerLimits::default()).expect_err("core module");
+    let err = runtime
+        .load(&core, HandlerLimits::default())
+        .expect_err("core module");
     assert!(matches!(err, LoadError::NotAComponent), "{err}");
     assert!(err.to_string().contains("not a component"));
 
@@ -310,7 +387,9 @@ fn core_module_and_garbage_are_rejected_clearly() {
     assert!(matches!(err, LoadError::NotWasm), "{err}");
 
     let empty = wat::parse_str("(component)").expect("wat");
-    let err = runtime.load(&empty, HandlerLimits::default()).expect_err("no export");
+    let err = runtime
+        .load(&empty, HandlerLimits::default())
+        .expect_err("no export");
     assert!(matches!(err, LoadError::WrongWorld(_)), "{err}");
     assert!(err.to_string().contains("handle"), "{err}");
 
@@ -340,7 +419,11 @@ fn compiled_artifacts_are_cached_on_disk() {
         .map(|e| e.expect("entry").path())
         .collect();
     assert_eq!(files.len(), 1, "one artifact: {files:?}");
-    let name = files[0].file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let name = files[0]
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
     assert!(name.starts_with(module.content_hash()), "{name}");
 
     // A second runtime loads from the cache; a corrupt artifact is replaced.

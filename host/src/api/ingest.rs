@@ -110,7 +110,10 @@ struct RawMessage {
 }
 
 /// Parses and validates a request body.
-pub fn parse_batch(body: &[u8], limits: &IngestLimits) -> Result<Vec<IncomingMessage>, IngestError> {
+pub fn parse_batch(
+    body: &[u8],
+    limits: &IngestLimits,
+) -> Result<Vec<IncomingMessage>, IngestError> {
     if body.len() > limits.max_body_bytes {
         return Err(IngestError::TooLarge {
             field: "body".into(),
@@ -152,7 +155,11 @@ pub fn parse_batch(body: &[u8], limits: &IngestLimits) -> Result<Vec<IncomingMes
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let prefix = if batched { format!("[{i}].") } else { String::new() };
+            let prefix = if batched {
+                format!("[{i}].")
+            } else {
+                String::new()
+            };
             validate(item, &prefix, limits)
         })
         .collect()
@@ -181,7 +188,11 @@ fn find_replacement_char(value: &serde_json::Value, path: String) -> Option<Stri
             .enumerate()
             .find_map(|(i, v)| find_replacement_char(v, format!("{path}[{i}]"))),
         serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
-            let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
             if k.contains('\u{FFFD}') {
                 return Some(child);
             }
@@ -205,7 +216,10 @@ fn validate(
     let raw: RawMessage = serde_json::from_value(item).map_err(|e| {
         let text = e.to_string();
         let field = field_of_serde_error(&text).unwrap_or("message");
-        IngestError::invalid(format!("{prefix}{field}"), format!("{prefix}{field}: {text}"))
+        IngestError::invalid(
+            format!("{prefix}{field}"),
+            format!("{prefix}{field}: {text}"),
+        )
     })?;
     let f = |name: &str| format!("{prefix}{name}");
 
@@ -213,19 +227,30 @@ fn validate(
         .key
         .ok_or_else(|| IngestError::invalid(f("key"), format!("{} is missing", f("key"))))?;
     if key.is_empty() {
-        return Err(IngestError::invalid(f("key"), format!("{} is empty", f("key"))));
+        return Err(IngestError::invalid(
+            f("key"),
+            format!("{} is empty", f("key")),
+        ));
     }
     if key.len() > limits.max_key_bytes {
         return Err(IngestError::invalid(
             f("key"),
-            format!("{} is {} bytes, over the {}-byte limit", f("key"), key.len(), limits.max_key_bytes),
+            format!(
+                "{} is {} bytes, over the {}-byte limit",
+                f("key"),
+                key.len(),
+                limits.max_key_bytes
+            ),
         ));
     }
     if let Some(idem) = &raw.idempotency_key {
         if idem.is_empty() {
             return Err(IngestError::invalid(
                 f("idempotency_key"),
-                format!("{} is empty (omit it to use the source position)", f("idempotency_key")),
+                format!(
+                    "{} is empty (omit it to use the source position)",
+                    f("idempotency_key")
+                ),
             ));
         }
         if idem.len() > limits.max_idempotency_key_bytes {
@@ -244,7 +269,11 @@ fn validate(
         (Some(_), Some(_)) => {
             return Err(IngestError::invalid(
                 f("payload"),
-                format!("give either {} or {}, not both", f("payload"), f("payload_base64")),
+                format!(
+                    "give either {} or {}, not both",
+                    f("payload"),
+                    f("payload_base64")
+                ),
             ))
         }
         (Some(text), None) => text.into_bytes(),
@@ -259,7 +288,11 @@ fn validate(
         (None, None) => {
             return Err(IngestError::invalid(
                 f("payload"),
-                format!("{} is missing (or give {})", f("payload"), f("payload_base64")),
+                format!(
+                    "{} is missing (or give {})",
+                    f("payload"),
+                    f("payload_base64")
+                ),
             ))
         }
     };
@@ -329,8 +362,16 @@ mod tests {
         let cases = [
             (r#"{"payload":"p"}"#, "key", 400),
             (r#"{"key":"","payload":"p"}"#, "key", 400),
-            (r#"[{"key":"a","payload":"p"},{"key":"b"}]"#, "[1].payload", 400),
-            (r#"{"key":"a","payload_base64":"!!"}"#, "payload_base64", 400),
+            (
+                r#"[{"key":"a","payload":"p"},{"key":"b"}]"#,
+                "[1].payload",
+                400,
+            ),
+            (
+                r#"{"key":"a","payload_base64":"!!"}"#,
+                "payload_base64",
+                400,
+            ),
             (r#"{"key":"a","payload":"p","extra":1}"#, "extra", 400),
             (r#"{"key":"a","#, "body", 400),
             ("[]", "body", 400),
@@ -343,10 +384,16 @@ mod tests {
         }
         let long_key = format!(r#"{{"key":"{}","payload":"p"}}"#, "k".repeat(1025));
         assert_eq!(parse(&long_key).unwrap_err().field(), "key");
-        let long_idem = format!(r#"{{"key":"k","payload":"p","idempotency_key":"{}"}}"#, "i".repeat(513));
+        let long_idem = format!(
+            r#"{{"key":"k","payload":"p","idempotency_key":"{}"}}"#,
+            "i".repeat(513)
+        );
         assert_eq!(parse(&long_idem).unwrap_err().field(), "idempotency_key");
         let headers: Vec<String> = (0..65).map(|i| format!(r#""h{i}":"v""#)).collect();
-        let many_headers = format!(r#"{{"key":"k","payload":"p","headers":{{{}}}}}"#, headers.join(","));
+        let many_headers = format!(
+            r#"{{"key":"k","payload":"p","headers":{{{}}}}}"#,
+            headers.join(",")
+        );
         assert_eq!(parse(&many_headers).unwrap_err().field(), "headers");
         let big = format!(r#"{{"key":"k","payload":"{}"}}"#, "x".repeat((1 << 20) + 1));
         let err = parse(&big).unwrap_err();

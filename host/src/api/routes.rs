@@ -39,7 +39,10 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/topics/{topic}/messages", post(produce))
         .route("/v1/handlers/{name}", put(deploy))
-        .route("/v1/handlers/{name}/state/{partition_key}/{state_key}", get(state_get))
+        .route(
+            "/v1/handlers/{name}/state/{partition_key}/{state_key}",
+            get(state_get),
+        )
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(body_cap))
@@ -51,7 +54,11 @@ async fn produce(State(api): State<ApiState>, Path(topic): Path<String>, body: B
         return error(StatusCode::BAD_REQUEST, e, Some("topic"));
     }
     if !api.host.healthy() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "ledger is not durable (a flush failed); restart the host", None);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger is not durable (a flush failed); restart the host",
+            None,
+        );
     }
     let limits = api.ingest.clone();
     let parsed = tokio::task::spawn_blocking(move || parse_batch(&body, &limits)).await;
@@ -65,7 +72,11 @@ async fn produce(State(api): State<ApiState>, Path(topic): Path<String>, body: B
     };
     match api.host.ingest(&topic, messages).await {
         Ok(offsets) => Json(json!({ "offsets": offsets })).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("not appended: {e:#}"), None),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not appended: {e:#}"),
+            None,
+        ),
     }
 }
 
@@ -83,7 +94,11 @@ async fn deploy(
     body: Bytes,
 ) -> Response {
     let Some(topic) = q.topic else {
-        return error(StatusCode::BAD_REQUEST, "query parameter `topic` is required", Some("topic"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            "query parameter `topic` is required",
+            Some("topic"),
+        );
     };
     let from_latest = match q.from.as_deref() {
         None | Some("earliest") => false,
@@ -99,11 +114,19 @@ async fn deploy(
     if body.len() > api.max_component_bytes {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("component is {} bytes, over the {}-byte limit", body.len(), api.max_component_bytes),
+            format!(
+                "component is {} bytes, over the {}-byte limit",
+                body.len(),
+                api.max_component_bytes
+            ),
             Some("body"),
         );
     }
-    match api.host.deploy(&name, &topic, body.to_vec(), from_latest, q.comment).await {
+    match api
+        .host
+        .deploy(&name, &topic, body.to_vec(), from_latest, q.comment)
+        .await
+    {
         Ok(v) => (
             StatusCode::CREATED,
             Json(json!({
@@ -115,7 +138,9 @@ async fn deploy(
         Err(DeployError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string(), Some("body")),
         Err(DeployError::BadRequest(e)) => error(StatusCode::BAD_REQUEST, e, None),
         Err(DeployError::Conflict(e)) => error(StatusCode::CONFLICT, e, None),
-        Err(e @ DeployError::Internal(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None),
+        Err(e @ DeployError::Internal(_)) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)
+        }
     }
 }
 
@@ -124,7 +149,9 @@ async fn state_get(
     Path((name, partition_key, state_key)): Path<(String, String, String)>,
 ) -> Response {
     match api.host.state_get(&name, &partition_key, &state_key) {
-        Ok(Some(bytes)) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Ok(Some(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such state", None),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), None),
     }
@@ -132,7 +159,9 @@ async fn state_get(
 
 async fn status(State(api): State<ApiState>) -> Response {
     match api.host.status() {
-        Ok(handlers) => Json(json!({ "handlers": handlers, "healthy": api.host.healthy() })).into_response(),
+        Ok(handlers) => {
+            Json(json!({ "handlers": handlers, "healthy": api.host.healthy() })).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), None),
     }
 }

@@ -24,8 +24,6 @@ enum BenchCommand {
 /// Runs a bench command.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
-        BenchCommand::Sandbox(a) => {
-            tokio::task::spawn_blocking(move || sandbox::run(a)).await?
-        }
+        BenchCommand::Sandbox(a) => tokio::task::spawn_blocking(move || sandbox::run(a)).await?,
     }
 }

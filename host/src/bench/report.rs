@@ -14,7 +14,12 @@ pub fn record_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()>
     let section = format!("{begin}\n{body}\n{end}");
     let updated = match (existing.find(&begin), existing.find(&end)) {
         (Some(b), Some(e)) if e > b => {
-            format!("{}{}{}", &existing[..b], section, &existing[e + end.len()..])
+            format!(
+                "{}{}{}",
+                &existing[..b],
+                section,
+                &existing[e + end.len()..]
+            )
         }
         _ => format!("{}\n{}\n", existing.trim_end(), section),
     };
@@ -33,7 +38,9 @@ pub fn machine_summary() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mem_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {

@@ -56,7 +56,10 @@ fn message(payload: Vec<u8>) -> Message {
 fn load(runtime: &Runtime, dir: &std::path::Path, name: &str) -> anyhow::Result<HandlerModule> {
     let path = dir.join(format!("{name}.wasm"));
     let bytes = std::fs::read(&path).map_err(|e| {
-        anyhow::anyhow!("reading {}: {e} (run scripts/build-guests.sh first)", path.display())
+        anyhow::anyhow!(
+            "reading {}: {e} (run scripts/build-guests.sh first)",
+            path.display()
+        )
     })?;
     Ok(runtime.load(&bytes, HandlerLimits::default())?)
 }
@@ -91,10 +94,22 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
 
     let warm = noop.bench_warm_calls(&empty, n)?;
     let rows = vec![
-        Row { case: "warm call, no-op handler (instance reused)", samples: warm },
-        Row { case: "fresh instance + call, no-op handler", samples: fresh(&noop, &empty, n)? },
-        Row { case: "fresh instance + call, no-op, 1 KiB payload", samples: fresh(&noop, &kib, n)? },
-        Row { case: "fresh instance + call, counter handler", samples: fresh(&counter, &counter_msg, n)? },
+        Row {
+            case: "warm call, no-op handler (instance reused)",
+            samples: warm,
+        },
+        Row {
+            case: "fresh instance + call, no-op handler",
+            samples: fresh(&noop, &empty, n)?,
+        },
+        Row {
+            case: "fresh instance + call, no-op, 1 KiB payload",
+            samples: fresh(&noop, &kib, n)?,
+        },
+        Row {
+            case: "fresh instance + call, counter handler",
+            samples: fresh(&counter, &counter_msg, n)?,
+        },
     ];
 
     let mut table = String::from("| case | mean µs | p50 µs | p99 µs |\n|---|---:|---:|---:|\n");

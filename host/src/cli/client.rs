@@ -45,9 +45,8 @@ impl Client {
     async fn json(&self, resp: reqwest::Response) -> anyhow::Result<Value> {
         let status = resp.status();
         let body = resp.bytes().await.context("reading response")?;
-        let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&body).into_owned())
-        });
+        let value: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         if !status.is_success() {
             let msg = value
                 .get("error")
@@ -92,7 +91,9 @@ impl Client {
             let text = resp.text().await.unwrap_or_default();
             bail!("server answered {status}: {text}");
         }
-        Ok(Some(resp.bytes().await.context("reading response")?.to_vec()))
+        Ok(Some(
+            resp.bytes().await.context("reading response")?.to_vec(),
+        ))
     }
 
     /// Appends messages to a topic; returns their offsets.

@@ -17,7 +17,13 @@ use client::{encode, Client};
 #[command(name = "ordo", version, about)]
 pub struct Cli {
     /// Log format for this process.
-    #[arg(long, global = true, value_enum, default_value = "human", env = "ORDO_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "ORDO_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -162,7 +168,9 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
                     out.write_all(&bytes)?;
                     out.write_all(b"\n")?;
                 }
-                None => bail!("no state {state_key:?} for key {partition_key:?} of handler {handler:?}"),
+                None => {
+                    bail!("no state {state_key:?} for key {partition_key:?} of handler {handler:?}")
+                }
             }
         }
         Command::Status { json, server } => {
@@ -193,7 +201,10 @@ async fn produce(client: &Client, topic: &str, batch: usize) -> anyhow::Result<(
             .with_context(|| format!("stdin line {}: not a JSON object", n + 1))?;
         pending.push(value);
         if pending.len() >= batch {
-            sent += client.produce(topic, &Value::Array(std::mem::take(&mut pending))).await?.len();
+            sent += client
+                .produce(topic, &Value::Array(std::mem::take(&mut pending)))
+                .await?
+                .len();
         }
     }
     if !pending.is_empty() {
@@ -214,7 +225,11 @@ fn print_status(status: &Value) {
         "HANDLER", "VERSION", "TOPIC", "LAG", "PROCESSED", "DUPLICATES", "DEAD-LETTERED"
     );
     for h in handlers {
-        let s = |k: &str| h.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default();
+        let s = |k: &str| {
+            h.get(k)
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
         println!(
             "{:<20} {:>7} {:<16} {:>10} {:>12} {:>11} {:>13}",
             s("name"),

@@ -49,6 +49,9 @@ pub struct LaneContext {
     pub max_batch: usize,
 }
 
+/// Uncommitted state writes of one partition key within a batch.
+type PendingWrites = BTreeMap<String, Option<Vec<u8>>>;
+
 /// The source name recorded in cursors and default idempotency keys.
 pub const EMBEDDED_SOURCE: &str = "log";
 
@@ -220,7 +223,8 @@ fn process_batch(
             headers: envelope.headers,
             attempt: 1,
         };
-        let (invocation, state) = invoke_with_host_retries(ctx, active, &msg, &mut pending, &mut counts)?;
+        let (invocation, state) =
+            invoke_with_host_retries(ctx, active, &msg, &mut pending, &mut counts)?;
         let state_back = state;
         pending.insert(msg.partition_key.clone(), state_back);
 
@@ -306,9 +310,12 @@ fn process_batch(
                 .push((handler.to_string(), partition_key.clone(), state_key, value));
         }
     }
-    batch
-        .cursors
-        .push((handler.to_string(), EMBEDDED_SOURCE.to_string(), partition, next_cursor));
+    batch.cursors.push((
+        handler.to_string(),
+        EMBEDDED_SOURCE.to_string(),
+        partition,
+        next_cursor,
+    ));
     let ticket = ctx.committer.commit(&batch)?;
     Ok(BatchOutcome {
         ticket,
@@ -324,9 +331,9 @@ fn invoke_with_host_retries(
     ctx: &LaneContext,
     active: &ActiveVersion,
     msg: &Message,
-    pending: &mut HashMap<String, BTreeMap<String, Option<Vec<u8>>>>,
+    pending: &mut HashMap<String, PendingWrites>,
     counts: &mut BatchCounts,
-) -> anyhow::Result<(crate::runtime::Invocation, BTreeMap<String, Option<Vec<u8>>>)> {
+) -> anyhow::Result<(crate::runtime::Invocation, PendingWrites)> {
     let mut key_pending = pending.remove(&msg.partition_key).unwrap_or_default();
     let mut delay = Duration::from_millis(10);
     for _ in 0..20 {
@@ -352,5 +359,8 @@ fn invoke_with_host_retries(
             _ => return Ok((invocation, key_pending)),
         }
     }
-    anyhow::bail!("host could not run handler {} after repeated attempts", ctx.handler)
+    anyhow::bail!(
+        "host could not run handler {} after repeated attempts",
+        ctx.handler
+    )
 }

@@ -41,7 +41,8 @@ impl HandlerStats {
         self.processed.fetch_add(c.processed, Ordering::Relaxed);
         self.duplicates.fetch_add(c.duplicates, Ordering::Relaxed);
         self.conflicts.fetch_add(c.conflicts, Ordering::Relaxed);
-        self.dead_lettered.fetch_add(c.dead_lettered, Ordering::Relaxed);
+        self.dead_lettered
+            .fetch_add(c.dead_lettered, Ordering::Relaxed);
         self.retries.fetch_add(c.retries, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
     }

@@ -104,7 +104,11 @@ pub fn cursor(handler: &str, source: &str, partition: u32) -> Vec<u8> {
 
 /// `state` key.
 pub fn state(handler: &str, partition_key: &str, state_key: &str) -> Vec<u8> {
-    KeyBuf::new().str(handler).str(partition_key).str(state_key).done()
+    KeyBuf::new()
+        .str(handler)
+        .str(partition_key)
+        .str(state_key)
+        .done()
 }
 
 /// `dedup` key.
@@ -150,7 +154,10 @@ mod tests {
     fn round_trip_and_order() {
         let k = log("orders", 3, 256);
         let mut r = KeyReader::new(&k);
-        assert_eq!((r.str(), r.u32(), r.u64()), (Some("orders"), Some(3), Some(256)));
+        assert_eq!(
+            (r.str(), r.u32(), r.u64()),
+            (Some("orders"), Some(3), Some(256))
+        );
         assert!(log("t", 0, 255) < log("t", 0, 256));
         assert!(log("t", 0, u64::MAX) < log("t", 1, 0));
         assert!(log("t", 1, 5).starts_with(&log_partition("t", 1)));

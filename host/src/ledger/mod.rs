@@ -32,10 +32,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Transactional, Tree};
 
 pub use commit::GroupCommitter;
-pub use records::{
-    DeadLetter, DedupOutcome, DedupRecord, Envelope, HandlerVersion, TopicConfig,
-};
 use records::{decode, encode};
+pub use records::{DeadLetter, DedupOutcome, DedupRecord, Envelope, HandlerVersion, TopicConfig};
 
 /// Ledger errors.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +80,9 @@ pub struct CommitBatch {
     /// Messages appended to embedded-log topics: (topic, partition, message).
     pub log_appends: Vec<(String, u32, Envelope)>,
 }
+
+/// Next offset per (topic, partition).
+type NextOffsets = HashMap<(String, u32), u64>;
 
 struct Trees {
     log: Tree,
@@ -215,7 +216,7 @@ impl Ledger {
         &self,
         map: &mut HashMap<(String, u32), u64>,
         items: &[(&str, u32)],
-    ) -> Result<(Vec<u64>, HashMap<(String, u32), u64>)> {
+    ) -> Result<(Vec<u64>, NextOffsets)> {
         let mut next: HashMap<(String, u32), u64> = HashMap::new();
         let mut offsets = Vec::with_capacity(items.len());
         for (topic, partition) in items {
@@ -246,7 +247,13 @@ impl Ledger {
     }
 
     /// Reads up to `max` messages of a partition from `from` on.
-    pub fn read(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<(u64, Envelope)>> {
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Envelope)>> {
         let start = keys::log(topic, partition, from);
         let end = keys::log(topic, partition, u64::MAX);
         let mut out = Vec::new();
@@ -332,7 +339,11 @@ impl Ledger {
 
     /// Next offset a handler processes in a partition (0 if never).
     pub fn cursor(&self, handler: &str, source: &str, partition: u32) -> Result<u64> {
-        match self.trees().cursor.get(keys::cursor(handler, source, partition))? {
+        match self
+            .trees()
+            .cursor
+            .get(keys::cursor(handler, source, partition))?
+        {
             Some(v) => {
                 let bytes: [u8; 8] = v
                     .as_ref()
@@ -346,14 +357,20 @@ impl Ledger {
 
     /// Sets a cursor outside a commit (deploying with `from=latest`).
     pub fn set_cursor(&self, handler: &str, source: &str, partition: u32, next: u64) -> Result<()> {
-        self.trees()
-            .cursor
-            .insert(keys::cursor(handler, source, partition), &next.to_be_bytes())?;
+        self.trees().cursor.insert(
+            keys::cursor(handler, source, partition),
+            &next.to_be_bytes(),
+        )?;
         Ok(())
     }
 
     /// One committed state value.
-    pub fn state_get(&self, handler: &str, partition_key: &str, state_key: &str) -> Result<Option<Vec<u8>>> {
+    pub fn state_get(
+        &self,
+        handler: &str,
+        partition_key: &str,
+        state_key: &str,
+    ) -> Result<Option<Vec<u8>>> {
         Ok(self
             .trees()
             .state
@@ -363,7 +380,11 @@ impl Ledger {
 
     /// The idempotency record of a key, if any.
     pub fn dedup_get(&self, handler: &str, idempotency_key: &str) -> Result<Option<DedupRecord>> {
-        match self.trees().dedup.get(keys::dedup(handler, idempotency_key))? {
+        match self
+            .trees()
+            .dedup
+            .get(keys::dedup(handler, idempotency_key))?
+        {
             Some(v) => Ok(Some(decode(&v, "dedup record")?)),
             None => Ok(None),
         }
@@ -400,8 +421,11 @@ impl Ledger {
         let mut log = Vec::with_capacity(batch.log_appends.len());
         let mut next_offsets = HashMap::new();
         if let Some(map) = offsets_guard.as_mut() {
-            let targets: Vec<(&str, u32)> =
-                batch.log_appends.iter().map(|(t, p, _)| (t.as_str(), *p)).collect();
+            let targets: Vec<(&str, u32)> = batch
+                .log_appends
+                .iter()
+                .map(|(t, p, _)| (t.as_str(), *p))
+                .collect();
             let (offsets, next) = self.assign_offsets(map, &targets)?;
             for ((t, p, env), o) in batch.log_appends.iter().zip(offsets) {
                 log.push((keys::log(t, *p, o), encode(env)?));
@@ -456,7 +480,10 @@ impl Ledger {
         for entry in self.trees().dlq.scan_prefix(keys::handler_prefix(handler)) {
             let (k, v) = entry?;
             let mut r = keys::KeyReader::new(&k);
-            let seq = r.str().and(r.u64()).ok_or_else(|| LedgerError::Corrupt("dlq key".into()))?;
+            let seq = r
+                .str()
+                .and(r.u64())
+                .ok_or_else(|| LedgerError::Corrupt("dlq key".into()))?;
             out.push((seq, decode(&v, "dead letter")?));
         }
         Ok(out)
@@ -475,7 +502,11 @@ impl Ledger {
     /// All versions of a handler, oldest first.
     pub fn handler_versions(&self, name: &str) -> Result<Vec<HandlerVersion>> {
         let mut out = Vec::new();
-        for entry in self.trees().handlers.scan_prefix(keys::handler_prefix(name)) {
+        for entry in self
+            .trees()
+            .handlers
+            .scan_prefix(keys::handler_prefix(name))
+        {
             let (_, v) = entry?;
             out.push(decode(&v, "handler version")?);
         }
@@ -498,7 +529,9 @@ impl Ledger {
 
     /// Stores component bytes by content hash.
     pub fn put_artifact(&self, content_hash: &str, bytes: &[u8]) -> Result<()> {
-        self.trees().artifacts.insert(content_hash.as_bytes(), bytes)?;
+        self.trees()
+            .artifacts
+            .insert(content_hash.as_bytes(), bytes)?;
         Ok(())
     }
 

@@ -20,8 +20,9 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
 /// Decodes a record; `what` names it in the error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LedgerError> {
     match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => postcard::from_bytes(body)
-            .map_err(|e| LedgerError::Corrupt(format!("{what}: {e}"))),
+        Some((&FORMAT_V1, body)) => {
+            postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
+        }
         Some((v, _)) => Err(LedgerError::Corrupt(format!(
             "{what}: unknown record format {v} (written by a newer ordo?)"
         ))),

@@ -38,16 +38,25 @@ fn commit_is_visible_and_survives_reopen() {
         };
         ledger.commit(&batch).unwrap();
         ledger.flush().unwrap();
-        assert_eq!(ledger.state_get("h", "k", "a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(
+            ledger.state_get("h", "k", "a").unwrap(),
+            Some(b"1".to_vec())
+        );
     }
     let ledger = Ledger::open(dir.path()).unwrap();
-    assert_eq!(ledger.state_get("h", "k", "a").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        ledger.state_get("h", "k", "a").unwrap(),
+        Some(b"1".to_vec())
+    );
     assert_eq!(ledger.state_get("h", "k", "b").unwrap(), None);
     assert_eq!(ledger.dedup_get("h", "m1").unwrap(), Some(dedup_record(5)));
     assert_eq!(ledger.cursor("h", "log", 3).unwrap(), 6);
     assert_eq!(ledger.cursor("h", "log", 4).unwrap(), 0);
     assert_eq!(ledger.high_watermark("out", 1).unwrap(), 1);
-    assert_eq!(ledger.read("out", 1, 0, 10).unwrap()[0].1.payload, b"emitted");
+    assert_eq!(
+        ledger.read("out", 1, 0, 10).unwrap()[0].1.payload,
+        b"emitted"
+    );
 }
 
 #[test]
@@ -61,7 +70,13 @@ fn offsets_are_consecutive_across_threads_and_restarts() {
                 std::thread::spawn(move || {
                     let mut got = Vec::new();
                     for i in 0..50 {
-                        got.extend(l.append_batch("t", &[(0, env("k", &i.to_string())), (1, env("j", "x"))]).unwrap());
+                        got.extend(
+                            l.append_batch(
+                                "t",
+                                &[(0, env("k", &i.to_string())), (1, env("j", "x"))],
+                            )
+                            .unwrap(),
+                        );
                     }
                     got
                 })
@@ -78,7 +93,10 @@ fn offsets_are_consecutive_across_threads_and_restarts() {
     }
     let ledger = Ledger::open(dir.path()).unwrap();
     assert_eq!(ledger.high_watermark("t", 0).unwrap(), 200);
-    assert_eq!(ledger.append_batch("t", &[(0, env("k", "y"))]).unwrap(), vec![200]);
+    assert_eq!(
+        ledger.append_batch("t", &[(0, env("k", "y"))]).unwrap(),
+        vec![200]
+    );
     assert_eq!(ledger.read("t", 0, 195, 100).unwrap().len(), 6);
     assert_eq!(ledger.remove_before("t", 0, 201).unwrap(), 201);
     assert_eq!(ledger.high_watermark("t", 0).unwrap(), 201);

@@ -7,7 +7,9 @@ use std::fmt;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The bytes are not WebAssembly at all.
-    #[error("not a WebAssembly binary (no `\\0asm` header); deploy a component built for wasm32-wasip2")]
+    #[error(
+        "not a WebAssembly binary (no `\\0asm` header); deploy a component built for wasm32-wasip2"
+    )]
     NotWasm,
     /// A core module was given where a component is required.
     #[error("this is a core WebAssembly module, not a component; build for wasm32-wasip2, or wrap it with `wasm-tools component new --adapt wasi_snapshot_preview1=<adapter>`")]

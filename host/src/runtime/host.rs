@@ -263,9 +263,9 @@ impl outbox::Host for HostState {
             )));
         }
         if topic.is_empty() || partition_key.is_empty() {
-            return Err(self.over_quota(
-                "outbox emit with an empty topic or partition key".to_string(),
-            ));
+            return Err(
+                self.over_quota("outbox emit with an empty topic or partition key".to_string())
+            );
         }
         self.overlay.emits.push(Emit {
             topic,
@@ -463,10 +463,7 @@ fn classify_error(
         return Failure::new(FailureKind::MemoryLimit, text);
     }
     if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return Failure::new(
-            FailureKind::Trap,
-            format!("guest called exit({})", exit.0),
-        );
+        return Failure::new(FailureKind::Trap, format!("guest called exit({})", exit.0));
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Failure::new(
@@ -480,10 +477,9 @@ fn classify_error(
         Some(_) => Failure::new(FailureKind::Trap, format!("{err:#}")),
         // Instantiation failing for reasons other than the guest's own
         // limits (e.g. the instance pool is exhausted) is the host's problem.
-        None if !instantiated => Failure::new(
-            FailureKind::Host,
-            format!("instantiation failed: {err:#}"),
-        ),
+        None if !instantiated => {
+            Failure::new(FailureKind::Host, format!("instantiation failed: {err:#}"))
+        }
         None => Failure::new(FailureKind::Trap, format!("{err:#}")),
     }
 }

@@ -11,7 +11,10 @@ use crate::ledger::{Ledger, TopicConfig};
 /// Topic names: 1–255 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 255 {
-        return Err(format!("topic name must be 1 to 255 bytes, got {}", name.len()));
+        return Err(format!(
+            "topic name must be 1 to 255 bytes, got {}",
+            name.len()
+        ));
     }
     if let Some(c) = name
         .chars()
@@ -121,7 +124,9 @@ impl Topics {
     pub fn refresh(&self, ledger: &Ledger, name: &str, partition: u32) {
         match ledger.high_watermark(name, partition) {
             Ok(w) => self.publish(name, partition, w),
-            Err(e) => tracing::warn!(topic = name, partition, error = %e, "cannot read high watermark"),
+            Err(e) => {
+                tracing::warn!(topic = name, partition, error = %e, "cannot read high watermark")
+            }
         }
     }
 }

@@ -51,7 +51,9 @@ fn positive(amount: i64) -> Result<i64, HandlerError> {
     if amount > 0 {
         Ok(amount)
     } else {
-        Err(HandlerError::permanent(format!("amount must be positive, got {amount}")))
+        Err(HandlerError::permanent(format!(
+            "amount must be positive, got {amount}"
+        )))
     }
 }
 
@@ -73,7 +75,10 @@ impl Handler for Bank {
         let command: Command = msg.payload_json()?;
         let mut account: Account = state::get_json("account")?.unwrap_or_default();
         match command {
-            Command::Deposit { amount, transfer_from } => {
+            Command::Deposit {
+                amount,
+                transfer_from,
+            } => {
                 let amount = positive(amount)?;
                 account.balance = account
                     .balance
@@ -91,12 +96,18 @@ impl Handler for Bank {
             Command::Transfer { amount, to } => {
                 let amount = positive(amount)?;
                 if to.is_empty() || to == msg.partition_key {
-                    return Err(HandlerError::permanent("transfer needs another account in `to`"));
+                    return Err(HandlerError::permanent(
+                        "transfer needs another account in `to`",
+                    ));
                 }
                 withdraw(&mut account, amount)?;
                 account.transfers_out += 1;
                 let headers = [("ordo-transfer-id".to_string(), msg.idempotency_key.clone())];
-                let deposit = Deposit { op: "deposit", amount, transfer_from: &msg.partition_key };
+                let deposit = Deposit {
+                    op: "deposit",
+                    amount,
+                    transfer_from: &msg.partition_key,
+                };
                 outbox::emit_json(&msg.topic, &to, &deposit, &headers)?;
             }
         }

@@ -22,10 +22,14 @@ impl Handler for Counter {
             .ok_or_else(|| HandlerError::permanent("payload has no unsigned integer `seq`"))?;
         match payload.get("fail").and_then(Value::as_str) {
             Some("retryable") => {
-                return Err(HandlerError::retryable(format!("seq {seq}: asked to fail (retryable)")))
+                return Err(HandlerError::retryable(format!(
+                    "seq {seq}: asked to fail (retryable)"
+                )))
             }
             Some("permanent") => {
-                return Err(HandlerError::permanent(format!("seq {seq}: asked to fail (permanent)")))
+                return Err(HandlerError::permanent(format!(
+                    "seq {seq}: asked to fail (permanent)"
+                )))
             }
             Some("trap") => panic!("seq {seq}: asked to trap"),
             _ => {}
@@ -36,9 +40,9 @@ impl Handler for Counter {
             _ => seq.to_string(),
         };
         let count = match state::get_str("count")? {
-            Some(c) => c
-                .parse::<u64>()
-                .map_err(|_| HandlerError::permanent(format!("state `count` is not a number: {c:?}")))?,
+            Some(c) => c.parse::<u64>().map_err(|_| {
+                HandlerError::permanent(format!("state `count` is not a number: {c:?}"))
+            })?,
             None => 0,
         } + 1;
         state::set_str("seqs", &seqs);
@@ -48,7 +52,9 @@ impl Handler for Counter {
             let topic = emit.get("topic").and_then(Value::as_str);
             let key = emit.get("key").and_then(Value::as_str);
             let (Some(topic), Some(key)) = (topic, key) else {
-                return Err(HandlerError::permanent("`emit` needs string `topic` and `key`"));
+                return Err(HandlerError::permanent(
+                    "`emit` needs string `topic` and `key`",
+                ));
             };
             let body = serde_json::to_vec(&payload)
                 .map_err(|e| HandlerError::permanent(format!("cannot encode emit: {e}")))?;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: builds the guest handlers (installing
+# the guest toolchain if missing), checks formatting and lints, runs every
+# unit and integration test against the real `ordo` binary.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== guest handlers"
+scripts/build-guests.sh
+echo "== rustfmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --release --workspace --all-targets -- -D warnings
+echo "== tests"
+cargo test --release -p ordo
