@@ -3,6 +3,7 @@
 //! `scripts/build-guests.sh` (the README test command does that).
 
 mod fixtures;
+mod kill;
 mod pipeline;
 mod runtime;
 mod server;

@@ -38,6 +38,19 @@ impl Server {
         PathBuf::from(env!("CARGO_BIN_EXE_ordo"))
     }
 
+    /// SIGKILL, no waiting for anything but the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data dir and port.
+    pub async fn respawn(&mut self) {
+        self.spawn().await;
+    }
+
     async fn spawn(&mut self) {
         let child = Command::new(Self::binary())
             .args(["serve", "--data-dir"])
