@@ -1,6 +1,7 @@
 //! `ordo bench`: benchmark commands that print a table and record it in
 //! BENCHMARKS.md. Figures are measured, never asserted in tests.
 
+mod pipeline;
 mod report;
 mod sandbox;
 
@@ -19,11 +20,14 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Sandbox cost per message: warm call, fresh instance + call, 1 KiB payload.
     Sandbox(sandbox::SandboxArgs),
+    /// End-to-end: drain throughput and produce→committed latency.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 /// Runs a bench command.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Sandbox(a) => tokio::task::spawn_blocking(move || sandbox::run(a)).await?,
+        BenchCommand::Pipeline(a) => pipeline::run(a).await,
     }
 }
