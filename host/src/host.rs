@@ -401,19 +401,5 @@ impl Host {
 
 /// Handler names: 1–128 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_handler_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 128 {
-        return Err(format!(
-            "handler name must be 1 to 128 bytes, got {}",
-            name.len()
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "handler name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
-        ));
-    }
-    Ok(())
+    crate::source::topics::validate_name("handler", name, 128)
 }

@@ -229,7 +229,7 @@ fn process_batch(
         pending.insert(msg.partition_key.clone(), state_back);
 
         let now = now_ms();
-        match invocation.outcome {
+        let outcome = match invocation.outcome {
             Ok(()) => {
                 let key_pending = pending.entry(msg.partition_key.clone()).or_default();
                 for (k, v) in invocation.overlay.writes {
@@ -251,19 +251,8 @@ fn process_batch(
                     ));
                     appended.push((emit.topic, target));
                 }
-                batch.dedup.push((
-                    handler.to_string(),
-                    idempotency_key,
-                    DedupRecord {
-                        offset,
-                        partition,
-                        version: active.version,
-                        payload_hash: hash,
-                        committed_at_ms: now,
-                        outcome: DedupOutcome::Committed,
-                    },
-                ));
                 counts.processed += 1;
+                DedupOutcome::Committed
             }
             Err(failure) => {
                 tracing::warn!(
@@ -286,21 +275,22 @@ fn process_batch(
                     first_failure_ms: now,
                     last_failure_ms: now,
                 });
-                batch.dedup.push((
-                    handler.to_string(),
-                    idempotency_key,
-                    DedupRecord {
-                        offset,
-                        partition,
-                        version: active.version,
-                        payload_hash: hash,
-                        committed_at_ms: now,
-                        outcome: DedupOutcome::DeadLettered,
-                    },
-                ));
                 counts.dead_lettered += 1;
+                DedupOutcome::DeadLettered
             }
-        }
+        };
+        batch.dedup.push((
+            handler.to_string(),
+            idempotency_key,
+            DedupRecord {
+                offset,
+                partition,
+                version: active.version,
+                payload_hash: hash,
+                committed_at_ms: now,
+                outcome,
+            },
+        ));
     }
 
     for (partition_key, writes) in pending {

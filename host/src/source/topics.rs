@@ -8,11 +8,12 @@ use tokio::sync::watch;
 
 use crate::ledger::{Ledger, TopicConfig};
 
-/// Topic names: 1–255 bytes of `[A-Za-z0-9._-]`.
-pub fn validate_topic_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 255 {
+/// Names of topics and handlers: 1 to `max` bytes of `[A-Za-z0-9._-]`;
+/// `kind` ("topic", "handler") names the thing in the error.
+pub fn validate_name(kind: &str, name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() || name.len() > max {
         return Err(format!(
-            "topic name must be 1 to 255 bytes, got {}",
+            "{kind} name must be 1 to {max} bytes, got {}",
             name.len()
         ));
     }
@@ -21,10 +22,15 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(format!(
-            "topic name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+            "{kind} name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
         ));
     }
     Ok(())
+}
+
+/// Topic names: 1–255 bytes of `[A-Za-z0-9._-]`.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    validate_name("topic", name, 255)
 }
 
 struct TopicEntry {
