@@ -8,6 +8,7 @@ mod config;
 mod crash;
 mod failures;
 mod fixtures;
+mod jetstream;
 mod kill;
 mod lifecycle;
 mod pipeline;
