@@ -2,6 +2,7 @@
 //! BENCHMARKS.md. Figures are measured, never asserted in tests.
 
 mod compare;
+mod jetstream;
 mod pipeline;
 mod report;
 mod sandbox;
@@ -26,6 +27,8 @@ enum BenchCommand {
     /// Side by side: effectively-once, at-least-once, native handler, the
     /// PostgreSQL processed_messages pattern, and the disk's fsync rate.
     Compare(compare::CompareArgs),
+    /// JetStream source throughput beside a plain async-nats consumer.
+    Jetstream(jetstream::JetStreamArgs),
 }
 
 /// Runs a bench command.
@@ -34,5 +37,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Sandbox(a) => tokio::task::spawn_blocking(move || sandbox::run(a)).await?,
         BenchCommand::Pipeline(a) => pipeline::run(a).await,
         BenchCommand::Compare(a) => compare::run(a).await,
+        BenchCommand::Jetstream(a) => jetstream::run(a).await,
     }
 }
