@@ -7,6 +7,7 @@ mod backup;
 mod config;
 mod crash;
 mod failures;
+mod faults;
 mod fixtures;
 mod jetstream;
 mod kill;
