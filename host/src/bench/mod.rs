@@ -2,6 +2,7 @@
 //! BENCHMARKS.md. Figures are measured, never asserted in tests.
 
 mod compare;
+mod dedup;
 mod jetstream;
 mod pipeline;
 mod report;
@@ -27,6 +28,8 @@ enum BenchCommand {
     /// Side by side: effectively-once, at-least-once, native handler, the
     /// PostgreSQL processed_messages pattern, and the disk's fsync rate.
     Compare(compare::CompareArgs),
+    /// Dedup lookup p50/p99 at 10^4 … 10^7 recorded keys; bytes per key.
+    Dedup(dedup::DedupArgs),
     /// JetStream source throughput beside a plain async-nats consumer.
     Jetstream(jetstream::JetStreamArgs),
 }
@@ -38,5 +41,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Pipeline(a) => pipeline::run(a).await,
         BenchCommand::Compare(a) => compare::run(a).await,
         BenchCommand::Jetstream(a) => jetstream::run(a).await,
+        BenchCommand::Dedup(a) => tokio::task::spawn_blocking(move || dedup::run(a)).await?,
     }
 }
