@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod source;
+pub mod torture;

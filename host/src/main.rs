@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => ordo::server::run(args).await,
             Command::Demo(args) => ordo::demo::run(args).await,
+            Command::Torture(args) => ordo::torture::run(args).await,
             Command::Bench(args) => ordo::bench::run(args).await,
             other => ordo::cli::run_client(other).await,
         }

@@ -15,4 +15,5 @@ mod lifecycle;
 mod pipeline;
 mod runtime;
 mod server;
+mod torture;
 mod ui;

@@ -209,6 +209,10 @@ pub enum Command {
     /// Run the end-to-end demo: a temporary host, the bank handler, a
     /// workload with duplicates, progress and a checked summary.
     Demo(crate::demo::DemoArgs),
+    /// Crash-safety proof: kill the host again and again under load (SIGKILL
+    /// and named crash points) and check that nothing is lost, duplicated or
+    /// reordered and that the bank's money is conserved.
+    Torture(crate::torture::TortureArgs),
     /// Micro-benchmarks.
     Bench(crate::bench::BenchArgs),
 }
