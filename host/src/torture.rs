@@ -409,6 +409,20 @@ impl Host {
         }
     }
 
+    /// Waits up to `timeout` for the process to end by itself.
+    async fn wait_exited(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let until = Instant::now() + timeout;
+        loop {
+            if self.exited()? {
+                return Ok(true);
+            }
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn sigkill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -805,7 +819,7 @@ async fn check(
             (0..m.keys.len()).collect()
         } else {
             let mut v = m.live.clone();
-            v.extend(m.retired.drain(..));
+            v.append(&mut m.retired);
             v
         };
         idx.sort_unstable();
@@ -1338,7 +1352,11 @@ async fn kill_loop(
         if !host.exited()? {
             match check(http, &base, model, &mut tally, false).await {
                 Ok(()) => {}
-                Err(_) if armed.is_some() && host.exited()? => tally.checks_interrupted += 1,
+                // A peer sees its connections reset while the kernel is
+                // still tearing the process down: give the reaper a moment.
+                Err(_) if armed.is_some() && host.wait_exited(Duration::from_secs(5)).await? => {
+                    tally.checks_interrupted += 1
+                }
                 Err(e) => return Err(e.context("checker")),
             }
         }
@@ -1363,15 +1381,9 @@ async fn kill_loop(
                         )
                         .await;
                 }
-                let until = Instant::now() + Duration::from_millis(args.arm_timeout_ms);
-                let mut reached = false;
-                while Instant::now() < until {
-                    if host.exited()? {
-                        reached = true;
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                let reached = host
+                    .wait_exited(Duration::from_millis(args.arm_timeout_ms))
+                    .await?;
                 if reached {
                     *tally.crash_points.entry(point).or_default() += 1;
                 } else {
