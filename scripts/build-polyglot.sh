@@ -210,14 +210,14 @@ build_zig() {
   local bindings
   bindings="$(c_bindings)"
   mkdir -p "$dir"
-  (
-    cd "$dir"
-    ZIG_GLOBAL_CACHE_DIR="$tools/zig-cache" ZIG_LOCAL_CACHE_DIR="$dir/zig-cache" \
-      "$venv/bin/python" -m ziglang build-exe "$src/counter.zig" \
-      "$bindings/handler.c" "$bindings/handler_component_type.o" \
-      -I "$bindings" -target wasm32-wasi -mexec-model=reactor -fno-entry -rdynamic \
-      -O ReleaseSmall -lc -femit-bin="$dir/core.wasm"
-  )
+  local zig=("$venv/bin/python" -m ziglang)
+  export ZIG_GLOBAL_CACHE_DIR="$tools/zig-cache" ZIG_LOCAL_CACHE_DIR="$dir/zig-cache"
+  # The C bindings as a Zig module (Zig has no `@cImport` any more).
+  "${zig[@]}" translate-c "$bindings/handler.h" -target wasm32-wasi -lc > "$dir/handler.zig"
+  "${zig[@]}" build-exe -target wasm32-wasi -O ReleaseSmall -fno-entry -rdynamic \
+    -mexec-model=reactor -lc --dep handler -Mroot="$src/counter.zig" \
+    -I "$bindings" "$bindings/handler.c" "$bindings/handler_component_type.o" \
+    -Mhandler="$dir/handler.zig" -femit-bin="$dir/core.wasm"
   componentize_core "$dir/core.wasm" "$dir/component.wasm"
   install_output "$dir/component.wasm" "$name" "$dir.stamp"
 }
