@@ -69,6 +69,18 @@ case "$mode" in
     ;;
 esac
 
+# The SDK also builds for wasm32-unknown-unknown where the toolchain has it
+# (handlers themselves are wasm32-wasip2 components).
+if [ "$mode" = rustup ]; then
+  if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown \
+     || rustup target add wasm32-unknown-unknown >/dev/null 2>&1; then
+    cargo build --target wasm32-unknown-unknown --profile guest -p ordo-guest
+    echo "build-guests: ordo-guest also builds for wasm32-unknown-unknown"
+  else
+    echo "build-guests: wasm32-unknown-unknown is not available from rustup here; SDK check skipped"
+  fi
+fi
+
 for p in "${packages[@]}"; do
   artifact="$CARGO_TARGET_DIR/wasm32-wasip2/guest/${p//-/_}.wasm"
   if [ ! -f "$artifact" ]; then
@@ -78,6 +90,6 @@ for p in "${packages[@]}"; do
   if ! cmp -s "$artifact" "$out/$p.wasm"; then
     cp "$artifact" "$out/$p.wasm.tmp" && mv "$out/$p.wasm.tmp" "$out/$p.wasm"
   fi
-  printf 'build-guests: %-10s %8d bytes  %s\n' "$p" "$(stat -c %s "$out/$p.wasm")" "target/handlers/$p.wasm"
+  printf 'build-guests: %-14s %8d bytes  %s\n' "$p" "$(stat -c %s "$out/$p.wasm")" "target/handlers/$p.wasm"
 done
 echo "build-guests: done in $(( $(date +%s) - start ))s ($mode toolchain)"

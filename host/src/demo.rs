@@ -84,7 +84,7 @@ async fn drive(
     component: Vec<u8>,
     accounts: usize,
 ) -> anyhow::Result<()> {
-    let client = Client::new(base, None)?;
+    let client = Client::new(base, std::env::var("ORDO_ADMIN_TOKEN").ok())?;
     let started = Instant::now();
     while client.get_json("/v1/status").await.is_err() {
         if started.elapsed() > Duration::from_secs(30) {
@@ -93,7 +93,13 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let v = client
-        .put_bytes("/v1/handlers/bank?topic=bank", component)
+        // A malformed command is dead-lettered and its account carries on
+        // (the default, park-key, would hold the account's later commands
+        // until an operator replays them).
+        .put_bytes(
+            "/v1/handlers/bank?topic=bank&on_failure=dead-letter",
+            component,
+        )
         .await?;
     println!(
         "deployed bank handler version {} ({} bytes)",

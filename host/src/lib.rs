@@ -7,10 +7,13 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod crash;
 pub mod demo;
 pub mod dispatch;
 pub mod host;
 pub mod ledger;
+pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod source;

@@ -2,8 +2,15 @@
 //! capability. Guest handlers must have been built first with
 //! `scripts/build-guests.sh` (the README test command does that).
 
+mod auth;
+mod backup;
+mod config;
+mod crash;
+mod failures;
 mod fixtures;
 mod kill;
+mod lifecycle;
 mod pipeline;
 mod runtime;
 mod server;
+mod ui;

@@ -1,41 +1,12 @@
 //! The pipeline end to end, driving the real `ordo` binary over HTTP.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ordo::cli::client::Client;
 use serde_json::{json, Value};
 
 use crate::fixtures::handler_bytes;
-use crate::server::Server;
-
-async fn wait_drained(client: &Client, handler: &str, processed_at_least: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = client.get_json("/v1/status").await.expect("status");
-        let h = status["handlers"]
-            .as_array()
-            .and_then(|a| a.iter().find(|h| h["name"] == handler).cloned());
-        if let Some(h) = h {
-            if h["lag"] == 0 && h["processed"].as_u64().unwrap_or(0) >= processed_at_least {
-                return h;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "handler {handler} did not drain: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn state(client: &Client, handler: &str, key: &str, state_key: &str) -> Option<String> {
-    client
-        .get_bytes(&format!("/v1/handlers/{handler}/state/{key}/{state_key}"))
-        .await
-        .expect("state get")
-        .map(|b| String::from_utf8(b).expect("utf-8"))
-}
+use crate::server::{state, wait_drained, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_skipped_order_kept_and_restart_safe() {
@@ -261,5 +232,162 @@ async fn invalid_deploy_keeps_running_version() {
     assert_eq!(
         state(&client, "counter", "a", "seqs").await.as_deref(),
         Some("1")
+    );
+}
+
+fn topic_messages(status: &Value, topic: &str) -> Option<u64> {
+    status["topics"]
+        .as_array()?
+        .iter()
+        .find(|t| t["name"] == topic)?["messages"]
+        .as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_only_old_committed_messages() {
+    let mut server = Server::start_with(&[
+        "--topic-retention-secs",
+        "3",
+        "--retention-interval-ms",
+        "100",
+    ])
+    .await;
+    let client = server.client();
+    client
+        .put_bytes("/v1/handlers/counter?topic=kept", handler_bytes("counter"))
+        .await
+        .expect("deploy");
+    // This handler never gets past its first message (retried for minutes).
+    client
+        .put_bytes(
+            "/v1/handlers/stuck?topic=blocked&max_attempts=1000&initial_backoff_ms=60000&max_backoff_ms=60000",
+            handler_bytes("counter"),
+        )
+        .await
+        .expect("deploy");
+    let produced_at = std::time::Instant::now();
+    let batch: Vec<Value> = (0..50u64)
+        .map(|i| json!({"key": format!("k{}", i % 5), "payload": json!({"seq": i}).to_string()}))
+        .collect();
+    client
+        .produce("kept", &Value::Array(batch))
+        .await
+        .expect("produce");
+    let blocked: Vec<Value> = (0..5u64)
+        .map(|i| {
+            let fail = if i == 0 {
+                json!("retryable")
+            } else {
+                Value::Null
+            };
+            json!({"key": "b", "payload": json!({"seq": i, "fail": fail}).to_string()})
+        })
+        .collect();
+    client
+        .produce("blocked", &Value::Array(blocked))
+        .await
+        .expect("produce");
+    wait_drained(&client, "counter", 50).await;
+
+    // Committed but young: kept.
+    let status = client.get_json("/v1/status").await.expect("status");
+    if produced_at.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(topic_messages(&status, "kept"), Some(50), "{status}");
+    }
+    // Old and committed by every subscriber: removed. Old but not committed
+    // by its subscriber: kept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = client.get_json("/v1/status").await.expect("status");
+        if topic_messages(&status, "kept") == Some(0) {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not run: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(produced_at.elapsed() >= Duration::from_secs(3));
+    assert_eq!(topic_messages(&status, "blocked"), Some(5), "{status}");
+    assert_eq!(
+        crate::server::metric(&server, "ordo_retention_removed_messages_total").await,
+        Some(50.0)
+    );
+
+    // Offsets continue after the log was emptied, also across a restart.
+    let p0 = ordo::source::partition_for("k0", 16);
+    let before = 10
+        * (0..5)
+            .filter(|k| ordo::source::partition_for(&format!("k{k}"), 16) == p0)
+            .count() as u64;
+    let offsets = client
+        .produce("kept", &json!({"key": "k0", "payload": "{\"seq\":50}"}))
+        .await
+        .expect("produce");
+    assert_eq!(offsets, vec![before]);
+    server.restart().await;
+    let client = server.client();
+    let offsets = client
+        .produce("kept", &json!({"key": "k0", "payload": "{\"seq\":51}"}))
+        .await
+        .expect("produce");
+    assert_eq!(offsets, vec![before + 1]);
+    wait_drained(&client, "counter", 1).await;
+    let seqs = state(&client, "counter", "k0", "seqs").await.expect("seqs");
+    assert!(seqs.ends_with(",45,50,51"), "{seqs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_window_keeps_young_records_and_sweeps_old_ones() {
+    let server = Server::start_with(&[
+        "--dedup-retention-secs",
+        "2",
+        "--retention-interval-ms",
+        "100",
+    ])
+    .await;
+    let client = server.client();
+    client
+        .put_bytes("/v1/handlers/counter?topic=d", handler_bytes("counter"))
+        .await
+        .expect("deploy");
+    let m = json!({"key": "k", "idempotency_key": "x/1", "payload": "{\"seq\":1}"});
+    client.produce("d", &m).await.expect("produce");
+    wait_drained(&client, "counter", 1).await;
+    // Young: kept, so a duplicate is skipped.
+    let written = std::time::Instant::now();
+    client.produce("d", &m).await.expect("produce");
+    let status = crate::server::wait_for(&client, "counter", "duplicate", |h| {
+        h["duplicates"] == 1 && h["lag"] == 0
+    })
+    .await;
+    assert_eq!(status["processed"], 1);
+    let record = client
+        .get_json("/v1/handlers/counter/dedup/x%2F1")
+        .await
+        .expect("young record kept");
+    assert_eq!(record["outcome"], "committed");
+    // Old: swept (never before the window has passed).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client
+        .get_json("/v1/handlers/counter/dedup/x%2F1")
+        .await
+        .is_ok()
+    {
+        assert!(std::time::Instant::now() < deadline, "not swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(written.elapsed() >= Duration::from_millis(1900));
+    assert_eq!(
+        crate::server::metric(&server, "ordo_dedup_swept_records_total").await,
+        Some(1.0)
+    );
+    // Past the window the same key is new again (the documented trade-off).
+    client.produce("d", &m).await.expect("produce");
+    wait_drained(&client, "counter", 2).await;
+    assert_eq!(
+        state(&client, "counter", "k", "seqs").await.as_deref(),
+        Some("1,1")
     );
 }

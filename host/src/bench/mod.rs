@@ -1,6 +1,7 @@
 //! `ordo bench`: benchmark commands that print a table and record it in
 //! BENCHMARKS.md. Figures are measured, never asserted in tests.
 
+mod compare;
 mod pipeline;
 mod report;
 mod sandbox;
@@ -22,6 +23,9 @@ enum BenchCommand {
     Sandbox(sandbox::SandboxArgs),
     /// End-to-end: drain throughput and produce→committed latency.
     Pipeline(pipeline::PipelineArgs),
+    /// Side by side: effectively-once, at-least-once, native handler, the
+    /// PostgreSQL processed_messages pattern, and the disk's fsync rate.
+    Compare(compare::CompareArgs),
 }
 
 /// Runs a bench command.
@@ -29,5 +33,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Sandbox(a) => tokio::task::spawn_blocking(move || sandbox::run(a)).await?,
         BenchCommand::Pipeline(a) => pipeline::run(a).await,
+        BenchCommand::Compare(a) => compare::run(a).await,
     }
 }

@@ -74,7 +74,8 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     let t0 = Instant::now();
-    host.deploy("counter", "bench", bytes, false, None).await?;
+    host.deploy("counter", "bench", bytes, Default::default())
+        .await?;
     let flushes0 = host.committer().flushes();
     loop {
         let (p, d, lag) = processed(&host).await?;

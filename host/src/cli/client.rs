@@ -72,6 +72,14 @@ impl Client {
         self.json(resp).await
     }
 
+    /// `DELETE path`, JSON answer.
+    pub async fn delete_json(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .send(self.request(reqwest::Method::DELETE, path))
+            .await?;
+        self.json(resp).await
+    }
+
     /// `PUT path` with raw bytes.
     pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
         let resp = self

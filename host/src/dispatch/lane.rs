@@ -1,27 +1,117 @@
 //! One lane: serial processing of one partition for one handler.
+//!
+//! A lane alternates two kinds of work, each committed as ONE transaction:
+//! - operator actions on its dead letters (replay, drop), which go first so a
+//!   replayed key's backlog drains before newer messages are read;
+//! - the next messages of its partition, from its committed cursor.
+//!
+//! Failure handling, per message: a retryable error stops the batch just
+//! before the message (what precedes it is committed), the lane waits a
+//! backoff with full jitter and tries again, in place, up to the policy's
+//! attempts. Anything else — permanent error, trap, deadline, memory limit,
+//! retries exhausted — writes a dead letter in the same transaction as the
+//! cursor advance. With `park-key` the message's partition key is parked in
+//! that transaction too: the key's later messages are held, in order, in the
+//! dead-letter queue while the partition's other keys keep flowing, until
+//! the operator replays or drops the key's backlog.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 
 use super::stats::{BatchCounts, HandlerStats};
 use crate::ledger::{
-    now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, Envelope, GroupCommitter, Ledger,
+    now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
+    GroupCommitter, Ledger, OnFailure, ParkedKey,
 };
-use crate::runtime::{FailureKind, HandlerModule, Message, StateAccess};
+use crate::runtime::{
+    Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, StateAccess,
+};
 use crate::source::topics::Topics;
 
-/// The handler version a lane runs; swapped between batches.
+/// A handler implemented in Rust inside the host, without the sandbox (used
+/// by the benchmark to isolate the sandbox's cost, and by embedders).
+pub trait NativeHandler: Send + Sync + 'static {
+    /// Handles one message: reads state through `state`, buffers writes and
+    /// emits in `overlay`. On `Err` the overlay is discarded.
+    fn handle(
+        &self,
+        msg: &Message,
+        state: &mut dyn StateAccess,
+        overlay: &mut Overlay,
+    ) -> Result<(), Failure>;
+}
+
+/// What runs a message: a sandboxed component or a native handler.
 #[derive(Clone)]
-pub struct ActiveVersion {
+pub enum Executor {
+    /// A WebAssembly component in the sandbox.
+    Wasm(HandlerModule),
+    /// A native handler.
+    Native(Arc<dyn NativeHandler>),
+}
+
+impl Executor {
+    fn invoke(
+        &self,
+        msg: &Message,
+        mut state: Box<dyn StateAccess>,
+    ) -> (Invocation, Box<dyn StateAccess>) {
+        match self {
+            Executor::Wasm(module) => module.invoke(msg, state),
+            Executor::Native(handler) => {
+                let start = std::time::Instant::now();
+                let mut overlay = Overlay::default();
+                let outcome = handler.handle(msg, state.as_mut(), &mut overlay);
+                if outcome.is_err() {
+                    overlay.writes.clear();
+                    overlay.emits.clear();
+                }
+                let invocation = Invocation {
+                    outcome,
+                    overlay,
+                    elapsed: start.elapsed(),
+                };
+                (invocation, state)
+            }
+        }
+    }
+}
+
+/// One loaded handler version.
+#[derive(Clone)]
+pub struct Runnable {
     /// Version number (1, 2, ...).
     pub version: u64,
-    /// The loaded component.
-    pub module: HandlerModule,
+    /// What runs its messages.
+    pub module: Executor,
+    /// Its retry and failure policy.
+    pub policy: FailurePolicy,
+}
+
+/// What a handler's lanes run; swapped between batches.
+#[derive(Clone)]
+pub struct ActiveVersion {
+    /// The active version.
+    pub stable: Runnable,
+    /// A canary and its percentage of partition keys, by
+    /// [`crate::source::canary_bucket`].
+    pub canary: Option<(Runnable, u8)>,
+}
+
+impl ActiveVersion {
+    /// The version that handles `partition_key`'s messages.
+    pub fn for_key(&self, partition_key: &str) -> &Runnable {
+        match &self.canary {
+            Some((c, pct)) if crate::source::canary_bucket(partition_key) < u32::from(*pct) => c,
+            _ => &self.stable,
+        }
+    }
 }
 
 /// Everything a lane needs, shared by the lanes of one handler.
@@ -39,6 +129,8 @@ pub struct LaneContext {
     pub topics: Topics,
     /// The current version; lanes pick it up at batch boundaries.
     pub active: watch::Receiver<Option<Arc<ActiveVersion>>>,
+    /// Bumped when operator actions on dead letters were requested.
+    pub control: watch::Receiver<u64>,
     /// Counters.
     pub stats: Arc<HandlerStats>,
     /// Bounds concurrent invocations to the runtime's instance pool.
@@ -47,6 +139,12 @@ pub struct LaneContext {
     pub stop: watch::Receiver<bool>,
     /// Messages per transaction, at most.
     pub max_batch: usize,
+    /// Check and record idempotency keys (`false`: at-least-once).
+    pub dedup: bool,
+    /// Histograms.
+    pub metrics: crate::metrics::Metrics,
+    /// This handler's metric labels.
+    pub label: crate::metrics::HandlerLabel,
 }
 
 /// Uncommitted state writes of one partition key within a batch.
@@ -55,23 +153,78 @@ type PendingWrites = BTreeMap<String, Option<Vec<u8>>>;
 /// The source name recorded in cursors and default idempotency keys.
 pub const EMBEDDED_SOURCE: &str = "log";
 
+/// Error kind recorded for messages held because their key is parked.
+pub const HELD_KIND: &str = "held";
+
+/// What a lane is retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ItemId {
+    /// A message of the partition, by offset.
+    Log(u64),
+    /// A dead letter being replayed, by sequence.
+    Replay(u64),
+}
+
+/// A message waiting for its next attempt.
+#[derive(Debug, Clone)]
+struct RetryState {
+    item: ItemId,
+    /// Attempts made so far.
+    attempts: u32,
+    first_failure_ms: u64,
+    /// Backoff ceiling before the next attempt.
+    ceiling_ms: u64,
+}
+
+impl RetryState {
+    /// The attempt number of `item` and when it first failed, if it did.
+    fn next_attempt(retry: Option<&RetryState>, item: ItemId) -> (u32, Option<u64>) {
+        match retry {
+            Some(r) if r.item == item => (r.attempts + 1, Some(r.first_failure_ms)),
+            _ => (1, None),
+        }
+    }
+}
+
+/// One unit of lane work.
+enum Work {
+    /// Pending operator actions, oldest dead letter first.
+    Actions(Vec<(u64, DlqAction)>),
+    /// Messages from this offset on.
+    Log(u64),
+}
+
 /// Runs the lane for `partition` until stopped.
 pub async fn run_lane(ctx: LaneContext, partition: u32) {
     let handler = ctx.handler.clone();
     let mut stop = ctx.stop.clone();
     let mut active_rx = ctx.active.clone();
+    let mut control = ctx.control.clone();
     let mut watermark = ctx.topics.watch(&ctx.topic, partition);
-    let mut cursor = match ctx.ledger.cursor(&handler, EMBEDDED_SOURCE, partition) {
-        Ok(c) => c,
+    let loaded = ctx
+        .ledger
+        .cursor(&handler, EMBEDDED_SOURCE, partition)
+        .and_then(|c| Ok((c, ctx.ledger.parked_keys(&handler, partition)?)));
+    let (mut cursor, parked) = match loaded {
+        Ok(v) => v,
         Err(e) => {
-            tracing::error!(%handler, partition, error = %e, "cannot read cursor; lane not started");
+            tracing::error!(%handler, partition, error = %e, "cannot read cursor or parked keys; lane not started");
             return;
         }
     };
+    let mut parked: HashSet<String> = parked.into_iter().map(|p| p.partition_key).collect();
+    let cache = StateCache::shared(4096);
+    let mut retry: Option<RetryState> = None;
+    // Actions may have been requested before a restart.
+    let mut actions_pending = true;
     let mut backoff = Duration::from_millis(50);
     loop {
         if *stop.borrow() {
             break;
+        }
+        if control.has_changed().unwrap_or(false) {
+            control.borrow_and_update();
+            actions_pending = true;
         }
         let active = active_rx.borrow().clone();
         let Some(active) = active else {
@@ -82,21 +235,52 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             }
             continue;
         };
-        if *watermark.borrow() <= cursor {
-            tokio::select! {
-                r = watermark.changed() => if r.is_err() { break },
-                _ = stop.changed() => {}
-                _ = active_rx.changed() => {}
+        let mut work = None;
+        if actions_pending {
+            match ctx.ledger.dlq_actions(&handler, partition, ctx.max_batch) {
+                Ok(actions) if actions.is_empty() => actions_pending = false,
+                Ok(actions) => work = Some(Work::Actions(actions)),
+                Err(e) => {
+                    tracing::error!(%handler, partition, error = %e, "cannot read dead-letter actions");
+                    actions_pending = false;
+                }
             }
-            continue;
         }
+        let work = match work {
+            Some(w) => w,
+            None if *watermark.borrow() > cursor => Work::Log(cursor),
+            None => {
+                tokio::select! {
+                    r = watermark.changed() => if r.is_err() { break },
+                    _ = stop.changed() => {}
+                    _ = active_rx.changed() => {}
+                    _ = control.changed() => actions_pending = true,
+                }
+                continue;
+            }
+        };
         let Ok(permit) = ctx.exec_slots.clone().acquire_owned().await else {
             break;
         };
         let job_ctx = ctx.clone();
+        let job_active = active.clone();
+        let job_parked = parked.clone();
+        let job_retry = retry.clone();
+        let job_cache = cache.clone();
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            process_batch(&job_ctx, &active, partition, cursor)
+            let lane = LaneView {
+                ctx: &job_ctx,
+                active: &job_active,
+                partition,
+                parked: &job_parked,
+                cache: &job_cache,
+                retry: job_retry.as_ref(),
+            };
+            match work {
+                Work::Log(from) => lane.process_log(from),
+                Work::Actions(actions) => lane.process_actions(&actions),
+            }
         })
         .await;
         let outcome = match result {
@@ -113,27 +297,100 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
                 continue;
             }
         };
-        if let Err(e) = ctx.committer.wait_durable(outcome.ticket).await {
-            // Not durable: never count or move on. The committer is now
-            // failed; the host stops acknowledging and must be restarted.
-            tracing::error!(%handler, partition, error = %e, "commit not durable; lane stopped");
-            break;
+        if let Some(ticket) = outcome.ticket {
+            if let Err(e) = ctx.committer.wait_durable(ticket).await {
+                // Not durable: never count or move on. The committer is now
+                // failed; the host stops acknowledging and must be restarted.
+                tracing::error!(%handler, partition, error = %e, "commit not durable; lane stopped");
+                break;
+            }
         }
         backoff = Duration::from_millis(50);
-        cursor = outcome.next_cursor;
+        if let Some(next) = outcome.next_cursor {
+            cursor = next;
+        }
+        for key in outcome.unparked {
+            parked.remove(&key);
+        }
+        parked.extend(outcome.parked);
         ctx.stats.add(&outcome.counts);
+        let c = &outcome.counts;
+        let messages = c.processed + c.duplicates + c.dead_lettered + c.held;
+        if messages > 0 {
+            ctx.metrics
+                .batch_messages
+                .get_or_create(&ctx.label)
+                .observe(messages as f64);
+        }
         for (topic, partition) in outcome.appended {
             ctx.topics.refresh(&ctx.ledger, &topic, partition);
+        }
+        retry = outcome.retry;
+        if let Some(r) = &retry {
+            let ceiling = r.ceiling_ms;
+            let wait = Duration::from_millis(rand::thread_rng().gen_range(0..=ceiling));
+            tracing::info!(%handler, partition, item = ?r.item, attempt = r.attempts, wait_ms = wait.as_millis() as u64, "retryable failure; waiting before the next attempt");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+                // A new version may be the fix: try it at once.
+                _ = active_rx.changed() => {}
+            }
         }
     }
 }
 
+/// What one batch did, applied to the lane once it is durable.
+#[derive(Default)]
 struct BatchOutcome {
-    ticket: u64,
-    next_cursor: u64,
+    /// Group-commit ticket to wait for; `None` when nothing was written.
+    ticket: Option<u64>,
+    next_cursor: Option<u64>,
     counts: BatchCounts,
     /// Embedded-log partitions that received emitted messages.
     appended: Vec<(String, u32)>,
+    parked: Vec<String>,
+    unparked: Vec<String>,
+    /// Set when the batch stopped at a retryable failure.
+    retry: Option<RetryState>,
+}
+
+/// A lane's cache of its keys' committed state. Coherent because the lane
+/// is the only writer of its partition keys' state: it is filled on reads
+/// and updated with every transaction the lane applies. Bounded: cleared
+/// when it holds more than `max_keys` partition keys.
+pub(crate) struct StateCache {
+    keys: HashMap<String, HashMap<String, Option<Vec<u8>>>>,
+    max_keys: usize,
+}
+
+type SharedCache = Arc<std::sync::Mutex<StateCache>>;
+
+impl StateCache {
+    fn shared(max_keys: usize) -> SharedCache {
+        Arc::new(std::sync::Mutex::new(StateCache {
+            keys: HashMap::new(),
+            max_keys,
+        }))
+    }
+
+    fn get(&self, partition_key: &str, state_key: &str) -> Option<Option<Vec<u8>>> {
+        self.keys.get(partition_key)?.get(state_key).cloned()
+    }
+
+    fn put(&mut self, partition_key: &str, state_key: &str, value: Option<Vec<u8>>) {
+        if !self.keys.contains_key(partition_key) && self.keys.len() >= self.max_keys {
+            self.keys.clear();
+        }
+        self.keys
+            .entry(partition_key.to_string())
+            .or_default()
+            .insert(state_key.to_string(), value);
+    }
+}
+
+fn lock(cache: &SharedCache) -> std::sync::MutexGuard<'_, StateCache> {
+    cache.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Committed state of one partition key, with the batch's uncommitted writes
@@ -142,7 +399,8 @@ struct BatchState {
     ledger: Ledger,
     handler: Arc<str>,
     partition_key: String,
-    pending: BTreeMap<String, Option<Vec<u8>>>,
+    pending: PendingWrites,
+    cache: SharedCache,
 }
 
 impl StateAccess for BatchState {
@@ -150,9 +408,14 @@ impl StateAccess for BatchState {
         if let Some(v) = self.pending.get(key) {
             return Ok(v.clone());
         }
-        Ok(self
+        if let Some(v) = lock(&self.cache).get(&self.partition_key, key) {
+            return Ok(v);
+        }
+        let value = self
             .ledger
-            .state_get(&self.handler, &self.partition_key, key)?)
+            .state_get(&self.handler, &self.partition_key, key)?;
+        lock(&self.cache).put(&self.partition_key, key, value.clone());
+        Ok(value)
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
@@ -168,158 +431,629 @@ fn payload_hash(payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Processes up to `max_batch` messages from `from` and commits them as one
-/// transaction. Blocking (runs guest code and ledger I/O).
-fn process_batch(
-    ctx: &LaneContext,
-    active: &ActiveVersion,
+/// A lane's view for one batch (runs on a blocking thread).
+struct LaneView<'a> {
+    ctx: &'a LaneContext,
+    active: &'a ActiveVersion,
     partition: u32,
-    from: u64,
-) -> anyhow::Result<BatchOutcome> {
-    let handler = &*ctx.handler;
-    let topic = &*ctx.topic;
-    let entries = ctx.ledger.read(topic, partition, from, ctx.max_batch)?;
-    let mut batch = CommitBatch::default();
-    let mut counts = BatchCounts::default();
-    let mut pending: HashMap<String, BTreeMap<String, Option<Vec<u8>>>> = HashMap::new();
-    let mut seen: HashMap<String, [u8; 16]> = HashMap::new();
-    let mut appended: Vec<(String, u32)> = Vec::new();
-    let mut next_cursor = from;
+    /// Parked keys as of the batch start.
+    parked: &'a HashSet<String>,
+    /// The lane's state cache.
+    cache: &'a SharedCache,
+    retry: Option<&'a RetryState>,
+}
 
-    for (offset, envelope) in entries {
-        next_cursor = offset + 1;
-        let idempotency_key = envelope
-            .idempotency_key
-            .clone()
-            .unwrap_or_else(|| format!("{EMBEDDED_SOURCE}:{topic}/{partition}/{offset}"));
-        let hash = payload_hash(&envelope.payload);
+/// The transaction being assembled, with the batch's uncommitted writes.
+struct Builder<'a> {
+    lane: &'a LaneView<'a>,
+    batch: CommitBatch,
+    outcome: BatchOutcome,
+    pending: HashMap<String, PendingWrites>,
+}
 
-        let earlier = match seen.get(&idempotency_key) {
-            Some(h) => Some(*h),
-            None => ctx
-                .ledger
-                .dedup_get(handler, &idempotency_key)?
-                .map(|r| r.payload_hash),
-        };
-        if let Some(earlier_hash) = earlier {
-            counts.duplicates += 1;
-            if earlier_hash != hash {
-                counts.conflicts += 1;
-                tracing::warn!(
-                    handler, partition, offset, idempotency_key = %idempotency_key,
-                    "duplicate idempotency key with a different payload: skipped (conflict)"
-                );
-            }
-            continue;
+/// How a failed attempt ends.
+enum Verdict {
+    /// Try again later; the batch stops before this message.
+    Retry(RetryState),
+    /// Dead-letter it: (kind, error text, attempts made, first failure).
+    DeadLetter(String, String, u32, u64),
+}
+
+impl<'a> Builder<'a> {
+    fn new(lane: &'a LaneView<'a>) -> Self {
+        Builder {
+            lane,
+            batch: CommitBatch::default(),
+            outcome: BatchOutcome::default(),
+            pending: HashMap::new(),
         }
-        seen.insert(idempotency_key.clone(), hash);
+    }
 
-        let msg = Message {
-            topic: topic.to_string(),
-            partition_key: envelope.key.clone(),
-            idempotency_key: idempotency_key.clone(),
-            offset,
-            payload: envelope.payload,
-            headers: envelope.headers,
-            attempt: 1,
-        };
-        let (invocation, state) =
-            invoke_with_host_retries(ctx, active, &msg, &mut pending, &mut counts)?;
-        let state_back = state;
-        pending.insert(msg.partition_key.clone(), state_back);
+    fn handler(&self) -> &str {
+        &self.lane.ctx.handler
+    }
 
-        let now = now_ms();
-        let outcome = match invocation.outcome {
+    /// Runs the handler on `msg`. On success its state writes and emits join
+    /// the batch; on failure nothing of the attempt does.
+    fn invoke(&mut self, msg: &Message) -> anyhow::Result<Result<(), Failure>> {
+        let ctx = self.lane.ctx;
+        let _span = tracing::info_span!(
+            "message",
+            handler = %ctx.handler,
+            version = self.lane.active.for_key(&msg.partition_key).version,
+            partition = self.lane.partition,
+            key = %msg.partition_key,
+            offset = msg.offset,
+            attempt = msg.attempt,
+        )
+        .entered();
+        let start = std::time::Instant::now();
+        let (invocation, mut key_pending) = invoke_with_host_retries(
+            ctx,
+            &self.lane.active.for_key(&msg.partition_key).module,
+            self.lane.cache,
+            msg,
+            &mut self.pending,
+            &mut self.outcome.counts,
+        )?;
+        ctx.metrics
+            .handler_seconds
+            .get_or_create(&ctx.label)
+            .observe(start.elapsed().as_secs_f64());
+        let result = match invocation.outcome {
             Ok(()) => {
-                let key_pending = pending.entry(msg.partition_key.clone()).or_default();
                 for (k, v) in invocation.overlay.writes {
                     key_pending.insert(k, v);
                 }
+                let now = now_ms();
                 for (i, emit) in invocation.overlay.emits.into_iter().enumerate() {
                     let partitions = ctx.topics.ensure(&ctx.ledger, &emit.topic)?;
                     let target = crate::source::partition_for(&emit.partition_key, partitions);
-                    batch.log_appends.push((
+                    self.batch.log_appends.push((
                         emit.topic.clone(),
                         target,
                         Envelope {
                             key: emit.partition_key,
-                            idempotency_key: Some(format!("{handler}/{idempotency_key}/{i}")),
+                            idempotency_key: Some(format!(
+                                "{}/{}/{i}",
+                                ctx.handler, msg.idempotency_key
+                            )),
                             payload: emit.payload,
                             headers: emit.headers,
                             appended_at_ms: now,
                         },
                     ));
-                    appended.push((emit.topic, target));
+                    self.outcome.appended.push((emit.topic, target));
                 }
-                counts.processed += 1;
-                DedupOutcome::Committed
+                Ok(())
             }
-            Err(failure) => {
-                tracing::warn!(
-                    handler, partition, offset, idempotency_key = %idempotency_key,
-                    kind = %failure.kind, error = %failure.message, "message dead-lettered"
-                );
-                batch.dlq.push(DeadLetter {
-                    handler: handler.to_string(),
-                    version: active.version,
-                    topic: topic.to_string(),
-                    partition,
-                    offset,
-                    partition_key: msg.partition_key,
-                    idempotency_key: idempotency_key.clone(),
-                    payload: msg.payload,
-                    headers: msg.headers,
-                    error_kind: failure.kind.as_str().to_string(),
-                    error: failure.message,
-                    attempts: msg.attempt,
-                    first_failure_ms: now,
-                    last_failure_ms: now,
-                });
-                counts.dead_lettered += 1;
-                DedupOutcome::DeadLettered
-            }
+            Err(failure) => Err(failure),
         };
-        batch.dedup.push((
-            handler.to_string(),
-            idempotency_key,
-            DedupRecord {
-                offset,
-                partition,
-                version: active.version,
-                payload_hash: hash,
-                committed_at_ms: now,
-                outcome,
-            },
-        ));
+        self.pending.insert(msg.partition_key.clone(), key_pending);
+        Ok(result)
     }
 
-    for (partition_key, writes) in pending {
-        for (state_key, value) in writes {
-            batch
-                .state
-                .push((handler.to_string(), partition_key.clone(), state_key, value));
+    /// Decides what a failed attempt leads to under the version's policy.
+    fn verdict(
+        &mut self,
+        key: &str,
+        item: ItemId,
+        attempt: u32,
+        first: Option<u64>,
+        f: Failure,
+    ) -> Verdict {
+        let policy = &self.lane.active.for_key(key).policy.retry;
+        let first = first.unwrap_or_else(now_ms);
+        if f.kind == FailureKind::Retryable && attempt < policy.max_attempts {
+            self.outcome.counts.retries += 1;
+            return Verdict::Retry(RetryState {
+                item,
+                attempts: attempt,
+                first_failure_ms: first,
+                ceiling_ms: policy.ceiling_ms(attempt),
+            });
+        }
+        let error = if f.kind == FailureKind::Retryable && attempt > 1 {
+            format!("gave up after {attempt} attempts: {}", f.message)
+        } else {
+            f.message
+        };
+        Verdict::DeadLetter(f.kind.as_str().to_string(), error, attempt, first)
+    }
+
+    fn dedup(
+        &mut self,
+        partition_key: &str,
+        idempotency_key: String,
+        offset: u64,
+        partition: u32,
+        hash: [u8; 16],
+        outcome: DedupOutcome,
+    ) {
+        let record = DedupRecord {
+            offset,
+            partition,
+            version: self.lane.active.for_key(partition_key).version,
+            payload_hash: hash,
+            committed_at_ms: now_ms(),
+            outcome,
+        };
+        self.batch
+            .dedup
+            .push((self.handler().to_string(), idempotency_key, record));
+    }
+
+    fn put_dead_letter(&mut self, seq: u64, dead_letter: Option<DeadLetter>) {
+        self.batch
+            .dlq
+            .push((self.handler().to_string(), seq, dead_letter));
+    }
+
+    fn set_parked(&mut self, key: &str, parked: Option<ParkedKey>) {
+        let (handler, partition) = (self.handler().to_string(), self.lane.partition);
+        if parked.is_some() {
+            self.outcome.parked.push(key.to_string());
+        } else {
+            self.outcome.unparked.push(key.to_string());
+        }
+        self.batch
+            .parked
+            .push((handler, partition, key.to_string(), parked));
+    }
+
+    /// Commits the batch (when it wrote anything).
+    fn finish(mut self, next_cursor: Option<u64>) -> anyhow::Result<BatchOutcome> {
+        let ctx = self.lane.ctx;
+        let handler = ctx.handler.to_string();
+        for (partition_key, writes) in std::mem::take(&mut self.pending) {
+            for (state_key, value) in writes {
+                self.batch
+                    .state
+                    .push((handler.clone(), partition_key.clone(), state_key, value));
+            }
+        }
+        if let Some(next) = next_cursor {
+            self.batch.cursors.push((
+                handler,
+                EMBEDDED_SOURCE.to_string(),
+                self.lane.partition,
+                next,
+            ));
+        }
+        let b = &self.batch;
+        let empty = b.state.is_empty()
+            && b.dedup.is_empty()
+            && b.cursors.is_empty()
+            && b.dlq.is_empty()
+            && b.log_appends.is_empty()
+            && b.parked.is_empty()
+            && b.dlq_actions_done.is_empty()
+            && b.dlq_actions_new.is_empty();
+        if !empty {
+            self.outcome.ticket = Some(ctx.committer.commit(&self.batch)?);
+            // Applied: the lane's cache follows (if the flush fails, the
+            // committer refuses everything and the lane stops).
+            let mut cache = lock(self.lane.cache);
+            for (_, partition_key, state_key, value) in &self.batch.state {
+                cache.put(partition_key, state_key, value.clone());
+            }
+        }
+        self.outcome.next_cursor = next_cursor;
+        Ok(self.outcome)
+    }
+}
+
+impl LaneView<'_> {
+    /// Processes up to `max_batch` messages from `from` and commits them as
+    /// one transaction.
+    fn process_log(&self, from: u64) -> anyhow::Result<BatchOutcome> {
+        let ctx = self.ctx;
+        let handler = &*ctx.handler;
+        let topic = &*ctx.topic;
+        let partition = self.partition;
+        let entries = ctx.ledger.read(topic, partition, from, ctx.max_batch)?;
+        let mut b = Builder::new(self);
+        let mut seen: HashMap<String, [u8; 16]> = HashMap::new();
+        let mut parked_now: HashSet<String> = HashSet::new();
+        let mut next_cursor = from;
+
+        for (offset, envelope) in entries {
+            let idempotency_key = envelope
+                .idempotency_key
+                .clone()
+                .unwrap_or_else(|| format!("{EMBEDDED_SOURCE}:{topic}/{partition}/{offset}"));
+            let hash = payload_hash(&envelope.payload);
+
+            let earlier = match seen.get(&idempotency_key) {
+                _ if !ctx.dedup => None,
+                Some(h) => Some(*h),
+                None => ctx
+                    .ledger
+                    .dedup_get(handler, &idempotency_key)?
+                    .map(|r| r.payload_hash),
+            };
+            if let Some(earlier_hash) = earlier {
+                b.outcome.counts.duplicates += 1;
+                if earlier_hash != hash {
+                    b.outcome.counts.conflicts += 1;
+                    tracing::warn!(
+                        handler, partition, offset, idempotency_key = %idempotency_key,
+                        "duplicate idempotency key with a different payload: skipped (conflict)"
+                    );
+                }
+                next_cursor = offset + 1;
+                continue;
+            }
+
+            let mut msg = Message {
+                topic: topic.to_string(),
+                partition_key: envelope.key,
+                idempotency_key,
+                offset,
+                payload: envelope.payload,
+                headers: envelope.headers,
+                attempt: 1,
+            };
+            let key_parked =
+                self.parked.contains(&msg.partition_key) || parked_now.contains(&msg.partition_key);
+            let outcome = if key_parked {
+                let seq = ctx.ledger.next_id()?;
+                let now = now_ms();
+                b.put_dead_letter(
+                    seq,
+                    Some(self.dead_letter(
+                        &msg,
+                        HELD_KIND,
+                        "held: an earlier message of this key is dead-lettered and the key is parked".into(),
+                        0,
+                        now,
+                    )),
+                );
+                b.outcome.counts.held += 1;
+                DedupOutcome::Parked
+            } else {
+                let item = ItemId::Log(offset);
+                let (attempt, first) = RetryState::next_attempt(self.retry, item);
+                msg.attempt = attempt;
+                match b.invoke(&msg)? {
+                    Ok(()) => {
+                        b.outcome.counts.processed += 1;
+                        crate::crash::point("mid-batch");
+                        DedupOutcome::Committed
+                    }
+                    Err(f) => match b.verdict(&msg.partition_key, item, attempt, first, f) {
+                        Verdict::Retry(r) => {
+                            b.outcome.retry = Some(r);
+                            break;
+                        }
+                        Verdict::DeadLetter(kind, error, attempts, first) => {
+                            let seq = ctx.ledger.next_id()?;
+                            tracing::warn!(
+                                handler, partition, offset, key = %msg.partition_key,
+                                idempotency_key = %msg.idempotency_key, kind = %kind,
+                                error = %error, attempts, "message dead-lettered"
+                            );
+                            let mut dl = self.dead_letter(&msg, &kind, error, attempts, first);
+                            dl.last_failure_ms = now_ms();
+                            b.put_dead_letter(seq, Some(dl));
+                            b.outcome.counts.dead_lettered += 1;
+                            if self.active.for_key(&msg.partition_key).policy.on_failure
+                                == OnFailure::ParkKey
+                            {
+                                tracing::warn!(handler, partition, key = %msg.partition_key, seq, "partition key parked");
+                                parked_now.insert(msg.partition_key.clone());
+                                b.set_parked(
+                                    &msg.partition_key,
+                                    Some(ParkedKey {
+                                        partition_key: msg.partition_key.clone(),
+                                        since_ms: now_ms(),
+                                        cause_seq: seq,
+                                        paused: false,
+                                    }),
+                                );
+                            }
+                            DedupOutcome::DeadLettered
+                        }
+                    },
+                }
+            };
+            if !ctx.dedup {
+                next_cursor = offset + 1;
+                continue;
+            }
+            seen.insert(msg.idempotency_key.clone(), hash);
+            b.dedup(
+                &msg.partition_key,
+                msg.idempotency_key,
+                offset,
+                partition,
+                hash,
+                outcome,
+            );
+            next_cursor = offset + 1;
+        }
+        b.finish((next_cursor != from).then_some(next_cursor))
+    }
+
+    /// Carries out pending operator actions on dead letters, in sequence
+    /// order, as one transaction. A parked key is unparked in the
+    /// transaction that empties its backlog.
+    fn process_actions(&self, actions: &[(u64, DlqAction)]) -> anyhow::Result<BatchOutcome> {
+        let ctx = self.ctx;
+        let handler = &*ctx.handler;
+        let partition = self.partition;
+        // This lane's dead-letter sequences per partition key, oldest first.
+        let mut backlog: HashMap<String, VecDeque<u64>> = HashMap::new();
+        for (seq, dl) in ctx.ledger.dlq_list(handler)? {
+            if dl.partition == partition {
+                backlog.entry(dl.partition_key).or_default().push_back(seq);
+            }
+        }
+        let mut run = ActionRun {
+            b: Builder::new(self),
+            backlog,
+            blocked: HashSet::new(),
+            committed: HashSet::new(),
+            invocations: 0,
+        };
+        for (seq, action) in actions {
+            let seq = *seq;
+            if run.invocations >= ctx.max_batch || run.b.outcome.retry.is_some() {
+                break;
+            }
+            run.b
+                .batch
+                .dlq_actions_done
+                .push((handler.to_string(), partition, seq));
+            match action {
+                DlqAction::PauseKey(key) => {
+                    if !run.is_parked(key) {
+                        tracing::info!(handler, partition, key = %key, "key paused by operator");
+                        run.b.set_parked(
+                            key,
+                            Some(ParkedKey {
+                                partition_key: key.clone(),
+                                since_ms: now_ms(),
+                                cause_seq: 0,
+                                paused: true,
+                            }),
+                        );
+                    }
+                    continue;
+                }
+                DlqAction::ResumeKey(key) => {
+                    let drained = run.backlog.get(key).is_none_or(VecDeque::is_empty);
+                    if drained {
+                        if run.is_parked(key) {
+                            tracing::info!(handler, partition, key = %key, "key resumed");
+                            run.b.set_parked(key, None);
+                        }
+                    } else {
+                        run.replay_key(key)?;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(dl) = ctx.ledger.dlq_get(handler, seq)? else {
+                continue;
+            };
+            let key = dl.partition_key.clone();
+            let is_head = run.backlog.get(&key).and_then(|q| q.front()) == Some(&seq);
+            match action {
+                DlqAction::Drop => {
+                    tracing::info!(handler, partition, seq, key = %key, "dead letter dropped");
+                    run.b.outcome.counts.dropped += 1;
+                    run.remove(seq, &key);
+                }
+                DlqAction::Replay
+                    if run.blocked.contains(&key) || (run.is_parked(&key) && !is_head) =>
+                {
+                    tracing::warn!(
+                        handler, partition, seq, key = %key,
+                        "replay cancelled: an older dead letter of this parked key is still in the queue (replay the key)"
+                    );
+                }
+                DlqAction::Replay => {
+                    if let Replayed::Retry = run.replay(seq, dl)? {
+                        // Not done: the lane retries it after its backoff.
+                        run.b.batch.dlq_actions_done.pop();
+                    }
+                }
+                DlqAction::ReplayKey => run.replay_key(&key)?,
+                DlqAction::PauseKey(_) | DlqAction::ResumeKey(_) => {}
+            }
+        }
+        run.b.finish(None)
+    }
+
+    fn dead_letter(
+        &self,
+        msg: &Message,
+        kind: &str,
+        error: String,
+        attempts: u32,
+        first: u64,
+    ) -> DeadLetter {
+        DeadLetter {
+            handler: self.ctx.handler.to_string(),
+            version: self.active.for_key(&msg.partition_key).version,
+            topic: msg.topic.clone(),
+            partition: self.partition,
+            offset: msg.offset,
+            partition_key: msg.partition_key.clone(),
+            idempotency_key: msg.idempotency_key.clone(),
+            payload: msg.payload.clone(),
+            headers: msg.headers.clone(),
+            error_kind: kind.to_string(),
+            error,
+            attempts,
+            first_failure_ms: first,
+            last_failure_ms: first,
         }
     }
-    batch.cursors.push((
-        handler.to_string(),
-        EMBEDDED_SOURCE.to_string(),
-        partition,
-        next_cursor,
-    ));
-    let ticket = ctx.committer.commit(&batch)?;
-    Ok(BatchOutcome {
-        ticket,
-        next_cursor,
-        counts,
-        appended,
-    })
+}
+
+/// How one replay went.
+enum Replayed {
+    /// Committed (or found already committed): removed from the queue.
+    Done,
+    /// Failed for good again: stays in the queue, updated; its key is blocked.
+    Failed,
+    /// Not done yet: failed retryably (the lane retries after a backoff) or
+    /// the batch is full.
+    Retry,
+}
+
+/// One batch of operator actions being carried out.
+struct ActionRun<'a> {
+    b: Builder<'a>,
+    /// Dead-letter sequences per partition key, oldest first, as of now.
+    backlog: HashMap<String, VecDeque<u64>>,
+    /// Keys whose replay failed in this batch: their later replays wait.
+    blocked: HashSet<String>,
+    /// Idempotency keys committed in this batch.
+    committed: HashSet<String>,
+    /// Handler invocations so far (bounded by the batch size).
+    invocations: usize,
+}
+
+impl ActionRun<'_> {
+    /// Whether `key` is parked, counting this batch's changes.
+    fn is_parked(&self, key: &str) -> bool {
+        let o = &self.b.outcome;
+        if o.unparked.iter().any(|k| k == key) {
+            return false;
+        }
+        self.b.lane.parked.contains(key) || o.parked.iter().any(|k| k == key)
+    }
+
+    /// Replays the key's backlog, oldest first (messages held since the
+    /// request included), until it is drained, a replay fails, or the batch
+    /// is full (then a continuation request is written).
+    fn replay_key(&mut self, key: &str) -> anyhow::Result<()> {
+        if self.blocked.contains(key) {
+            return Ok(());
+        }
+        let lane = self.b.lane;
+        let (handler, partition) = (&*lane.ctx.handler, lane.partition);
+        while let Some(head) = self.backlog.get(key).and_then(|q| q.front().copied()) {
+            let Some(dl) = lane.ctx.ledger.dlq_get(handler, head)? else {
+                self.remove(head, key);
+                continue;
+            };
+            let outcome = if self.invocations >= lane.ctx.max_batch {
+                Replayed::Retry
+            } else {
+                self.replay(head, dl)?
+            };
+            match outcome {
+                Replayed::Done => {}
+                Replayed::Failed => break,
+                Replayed::Retry => {
+                    // Carry on from here in a later batch.
+                    self.b.batch.dlq_actions_new.push((
+                        handler.to_string(),
+                        partition,
+                        head,
+                        DlqAction::ReplayKey,
+                    ));
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a dead letter; unparks its key when that drains the backlog.
+    fn remove(&mut self, seq: u64, key: &str) {
+        self.b.put_dead_letter(seq, None);
+        if let Some(q) = self.backlog.get_mut(key) {
+            q.retain(|s| *s != seq);
+        }
+        let drained = self.backlog.get(key).is_none_or(VecDeque::is_empty);
+        if self.is_parked(key) && drained && !self.blocked.contains(key) {
+            tracing::info!(handler = %self.b.lane.ctx.handler, partition = self.b.lane.partition, key, "backlog drained; key unparked");
+            self.b.set_parked(key, None);
+        }
+    }
+
+    /// Runs a dead letter through the current version (dedup applies).
+    fn replay(&mut self, seq: u64, dl: DeadLetter) -> anyhow::Result<Replayed> {
+        let lane = self.b.lane;
+        let (handler, partition) = (&*lane.ctx.handler, lane.partition);
+        let key = dl.partition_key.clone();
+        let done_before = self.committed.contains(&dl.idempotency_key)
+            || lane
+                .ctx
+                .ledger
+                .dedup_get(handler, &dl.idempotency_key)?
+                .is_some_and(|r| r.outcome == DedupOutcome::Committed);
+        if done_before {
+            self.b.outcome.counts.duplicates += 1;
+            self.remove(seq, &key);
+            return Ok(Replayed::Done);
+        }
+        let item = ItemId::Replay(seq);
+        let (attempt, first) = RetryState::next_attempt(lane.retry, item);
+        let hash = payload_hash(&dl.payload);
+        let msg = Message {
+            topic: dl.topic.clone(),
+            partition_key: key.clone(),
+            idempotency_key: dl.idempotency_key.clone(),
+            offset: dl.offset,
+            payload: dl.payload.clone(),
+            headers: dl.headers.clone(),
+            attempt,
+        };
+        self.invocations += 1;
+        match self.b.invoke(&msg)? {
+            Ok(()) => {
+                tracing::info!(handler, partition, seq, key = %key, "dead letter replayed");
+                crate::crash::point("mid-replay");
+                self.committed.insert(dl.idempotency_key.clone());
+                self.b.dedup(
+                    &key,
+                    dl.idempotency_key,
+                    dl.offset,
+                    partition,
+                    hash,
+                    DedupOutcome::Committed,
+                );
+                self.b.outcome.counts.processed += 1;
+                self.b.outcome.counts.replayed += 1;
+                self.remove(seq, &key);
+                Ok(Replayed::Done)
+            }
+            Err(f) => match self.b.verdict(&key, item, attempt, first, f) {
+                Verdict::Retry(r) => {
+                    self.b.outcome.retry = Some(r);
+                    Ok(Replayed::Retry)
+                }
+                Verdict::DeadLetter(kind, error, attempts, _) => {
+                    tracing::warn!(handler, partition, seq, key = %key, kind = %kind, error = %error, "replayed dead letter failed again");
+                    let mut again = dl;
+                    again.version = lane.active.for_key(&key).version;
+                    again.error_kind = kind;
+                    again.error = error;
+                    again.attempts = again.attempts.saturating_add(attempts);
+                    again.last_failure_ms = now_ms();
+                    self.b.put_dead_letter(seq, Some(again));
+                    self.blocked.insert(key);
+                    Ok(Replayed::Failed)
+                }
+            },
+        }
+    }
 }
 
 /// Invokes the handler, retrying in place while the failure is the host's
-/// (e.g. instance pool exhausted), never the message's.
+/// (e.g. instance pool exhausted), never the message's. Returns the
+/// invocation and the key's pending writes (taken out of `pending`).
 fn invoke_with_host_retries(
     ctx: &LaneContext,
-    active: &ActiveVersion,
+    module: &Executor,
+    cache: &SharedCache,
     msg: &Message,
     pending: &mut HashMap<String, PendingWrites>,
     counts: &mut BatchCounts,
@@ -332,8 +1066,9 @@ fn invoke_with_host_retries(
             handler: ctx.handler.clone(),
             partition_key: msg.partition_key.clone(),
             pending: key_pending,
+            cache: cache.clone(),
         };
-        let (invocation, state) = active.module.invoke(msg, Box::new(view));
+        let (invocation, state) = module.invoke(msg, Box::new(view));
         key_pending = state
             .into_any()
             .downcast::<BatchState>()
@@ -341,7 +1076,7 @@ fn invoke_with_host_retries(
             .map_err(|_| anyhow::anyhow!("state view of another type returned"))?;
         match &invocation.outcome {
             Err(f) if f.kind == FailureKind::Host => {
-                counts.retries += 1;
+                counts.host_retries += 1;
                 tracing::warn!(handler = %ctx.handler, error = %f.message, "host could not run handler; retrying");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(1));
@@ -349,6 +1084,7 @@ fn invoke_with_host_retries(
             _ => return Ok((invocation, key_pending)),
         }
     }
+    pending.insert(msg.partition_key.clone(), key_pending);
     anyhow::bail!(
         "host could not run handler {} after repeated attempts",
         ctx.handler

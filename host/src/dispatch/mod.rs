@@ -11,10 +11,18 @@
 //!
 //! Architecture invariant: a message's effects, its dedup record and the
 //! cursor advance past it are in the same transaction; a failed message's
-//! dead letter likewise.
+//! dead letter (and its key's parking) likewise; a replayed dead letter's
+//! effects, its removal from the queue and its key's unparking likewise.
+//!
+//! Architecture invariant: only a lane writes its partition's dead letters
+//! and parked keys; operator actions are requests (`dlq_actions`) the lane
+//! carries out in order.
 
 mod lane;
 mod stats;
 
-pub use lane::{run_lane, ActiveVersion, LaneContext, EMBEDDED_SOURCE};
+pub use lane::{
+    run_lane, ActiveVersion, Executor, LaneContext, NativeHandler, Runnable, EMBEDDED_SOURCE,
+    HELD_KIND,
+};
 pub use stats::{BatchCounts, HandlerStats};

@@ -17,17 +17,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 
-use super::{CommitBatch, Envelope, Ledger, LedgerError};
+use super::{CommitBatch, Envelope, LedgerError, Storage};
 
 struct Inner {
-    ledger: Ledger,
+    storage: Arc<dyn Storage>,
     issued: AtomicU64,
     wake: (Mutex<()>, Condvar),
     /// `Ok(durable ticket)` or `Err(why the flush failed)`.
     durable: watch::Sender<Result<u64, String>>,
     flushes: AtomicU64,
+    commit_seconds: Histogram,
+    flush_seconds: Histogram,
 }
 
 /// Shared handle; cheap to clone.
@@ -37,14 +40,16 @@ pub struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    /// Starts the flusher thread for `ledger`.
-    pub fn start(ledger: Ledger) -> Self {
+    /// Starts the flusher thread for `storage` (usually the [`super::Ledger`]).
+    pub fn start(storage: Arc<dyn Storage>) -> Self {
         let inner = Arc::new(Inner {
-            ledger,
+            storage,
             issued: AtomicU64::new(0),
             wake: (Mutex::new(()), Condvar::new()),
             durable: watch::Sender::new(Ok(0)),
             flushes: AtomicU64::new(0),
+            commit_seconds: crate::metrics::seconds_histogram(),
+            flush_seconds: crate::metrics::seconds_histogram(),
         });
         let weak = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new()
@@ -69,7 +74,12 @@ impl GroupCommitter {
     /// Applies `batch` as one transaction and returns the ticket to await.
     pub fn commit(&self, batch: &CommitBatch) -> Result<u64, LedgerError> {
         self.check()?;
-        self.inner.ledger.commit(batch)?;
+        let start = std::time::Instant::now();
+        self.inner.storage.commit(batch)?;
+        self.inner
+            .commit_seconds
+            .observe(start.elapsed().as_secs_f64());
+        crate::crash::point("after-commit-before-flush");
         Ok(self.issue())
     }
 
@@ -77,12 +87,12 @@ impl GroupCommitter {
     /// the ticket to await.
     pub fn append(
         &self,
-        ledger: &Ledger,
         topic: &str,
         items: &[(u32, Envelope)],
     ) -> Result<(Vec<u64>, u64), LedgerError> {
         self.check()?;
-        let offsets = ledger.append_batch(topic, items)?;
+        let offsets = self.inner.storage.append(topic, items)?;
+        crate::crash::point("after-append-before-flush");
         Ok((offsets, self.issue()))
     }
 
@@ -121,6 +131,16 @@ impl GroupCommitter {
         self.inner.flushes.load(Ordering::Relaxed)
     }
 
+    /// Time to apply one lane transaction (before its flush).
+    pub fn commit_seconds(&self) -> Histogram {
+        self.inner.commit_seconds.clone()
+    }
+
+    /// Time of one group flush.
+    pub fn flush_seconds(&self) -> Histogram {
+        self.inner.flush_seconds.clone()
+    }
+
     /// Tickets issued so far (commits + appends).
     pub fn commits(&self) -> u64 {
         self.inner.issued.load(Ordering::Relaxed)
@@ -140,8 +160,11 @@ fn flusher(weak: Weak<Inner>) {
             }
             continue;
         }
-        match inner.ledger.flush() {
+        let start = std::time::Instant::now();
+        match inner.storage.flush() {
             Ok(()) => {
+                inner.flush_seconds.observe(start.elapsed().as_secs_f64());
+                crate::crash::point("after-flush-before-ack");
                 durable = target;
                 inner.flushes.fetch_add(1, Ordering::Relaxed);
                 let _ = inner.durable.send_replace(Ok(target));

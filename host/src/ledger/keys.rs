@@ -111,6 +111,11 @@ pub fn state(handler: &str, partition_key: &str, state_key: &str) -> Vec<u8> {
         .done()
 }
 
+/// Prefix of one partition key's `state` keys.
+pub fn state_prefix(handler: &str, partition_key: &str) -> Vec<u8> {
+    KeyBuf::new().str(handler).str(partition_key).done()
+}
+
 /// `dedup` key.
 pub fn dedup(handler: &str, idempotency_key: &str) -> Vec<u8> {
     KeyBuf::new().str(handler).str(idempotency_key).done()
@@ -119,6 +124,34 @@ pub fn dedup(handler: &str, idempotency_key: &str) -> Vec<u8> {
 /// `dlq` key.
 pub fn dlq(handler: &str, sequence: u64) -> Vec<u8> {
     KeyBuf::new().str(handler).u64(sequence).done()
+}
+
+/// `parked` key: (handler, partition, partition key).
+pub fn parked(handler: &str, partition: u32, partition_key: &str) -> Vec<u8> {
+    KeyBuf::new()
+        .str(handler)
+        .u32(partition)
+        .str(partition_key)
+        .done()
+}
+
+/// `dlq_actions` key: (handler, partition, dead-letter sequence).
+pub fn dlq_action(handler: &str, partition: u32, sequence: u64) -> Vec<u8> {
+    KeyBuf::new()
+        .str(handler)
+        .u32(partition)
+        .u64(sequence)
+        .done()
+}
+
+/// Prefix of one handler's keys of one partition (`parked`, `dlq_actions`).
+pub fn handler_partition(handler: &str, partition: u32) -> Vec<u8> {
+    KeyBuf::new().str(handler).u32(partition).done()
+}
+
+/// `audit` key.
+pub fn audit(sequence: u64) -> Vec<u8> {
+    sequence.to_be_bytes().to_vec()
 }
 
 /// Prefix of one handler's keys (`dlq`, `dedup`, `state`, `cursor`, `handlers`).
@@ -134,6 +167,20 @@ pub fn handler_version(name: &str, version: u64) -> Vec<u8> {
 /// `outbox` key.
 pub fn outbox(sequence: u64) -> Vec<u8> {
     sequence.to_be_bytes().to_vec()
+}
+
+/// `meta` key of a handler's [`super::records::HandlerControl`].
+pub fn handler_control(handler: &str) -> Vec<u8> {
+    let mut k = b"control/".to_vec();
+    k.extend_from_slice(&handler_prefix(handler));
+    k
+}
+
+/// `meta` key of a partition's low watermark (first offset kept).
+pub fn low_watermark(topic: &str, partition: u32) -> Vec<u8> {
+    let mut k = b"low/".to_vec();
+    k.extend_from_slice(&log_partition(topic, partition));
+    k
 }
 
 /// Prefix of topic configurations in `meta`.

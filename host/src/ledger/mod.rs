@@ -2,12 +2,14 @@
 //!
 //! It holds the embedded log (`log`), every handler's state (`state`), the
 //! idempotency records (`dedup`), the source positions (`cursor`), the
-//! outbox (`outbox`), dead letters (`dlq`), deployed versions (`handlers`,
-//! `artifacts`) and settings (`meta`). Key encodings are in [`keys`].
+//! outbox (`outbox`), dead letters (`dlq`), parked partition keys
+//! (`parked`), pending operator actions on dead letters (`dlq_actions`),
+//! deployed versions (`handlers`, `artifacts`), the operator audit trail
+//! (`audit`) and settings (`meta`). Key encodings are in [`keys`].
 //!
 //! A lane's batch is applied with [`Ledger::commit`] as ONE sled
-//! transaction over `state`, `dedup`, `cursor`, `outbox`, `dlq` and `log`,
-//! then made durable by the [`GroupCommitter`]'s shared flush.
+//! transaction over `state`, `dedup`, `cursor`, `dlq`, `log`, `parked` and
+//! `dlq_actions`, then made durable by the [`GroupCommitter`]'s shared flush.
 //!
 //! Architecture invariant: transaction closures are pure — they may rerun
 //! (sled transactions are optimistic), so everything that must happen once
@@ -19,6 +21,7 @@
 //! file (and the data directory is fsynced on open), so a flush that
 //! returns means the bytes are on stable storage.
 
+pub mod backup;
 pub mod commit;
 pub mod keys;
 pub mod records;
@@ -33,7 +36,10 @@ use sled::{Transactional, Tree};
 
 pub use commit::GroupCommitter;
 use records::{decode, encode};
-pub use records::{DeadLetter, DedupOutcome, DedupRecord, Envelope, HandlerVersion, TopicConfig};
+pub use records::{
+    AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
+    HandlerControl, HandlerVersion, OnFailure, ParkedKey, RetryPolicy, TopicConfig,
+};
 
 /// Ledger errors.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +81,49 @@ pub struct CommitBatch {
     pub dedup: Vec<(String, String, DedupRecord)>,
     /// (handler, source, partition, next offset).
     pub cursors: Vec<(String, String, u32, u64)>,
-    /// Dead letters.
-    pub dlq: Vec<DeadLetter>,
+    /// Dead letters written (`Some`) or removed (`None`): (handler,
+    /// sequence from [`Ledger::next_id`], record).
+    pub dlq: Vec<(String, u64, Option<DeadLetter>)>,
     /// Messages appended to embedded-log topics: (topic, partition, message).
     pub log_appends: Vec<(String, u32, Envelope)>,
+    /// Keys parked (`Some`) or unparked (`None`): (handler, partition, key).
+    pub parked: Vec<(String, u32, String, Option<ParkedKey>)>,
+    /// Operator actions carried out: (handler, partition, dead-letter sequence).
+    pub dlq_actions_done: Vec<(String, u32, u64)>,
+    /// Operator actions to carry on with in a later batch (applied after
+    /// `dlq_actions_done`).
+    pub dlq_actions_new: Vec<(String, u32, u64, DlqAction)>,
 }
+
+/// The storage operations of the write path, behind which the engine can be
+/// swapped or wrapped (e.g. with fault injection in tests). [`Ledger`] (sled)
+/// is the shipped implementation; the [`GroupCommitter`] drives it.
+pub trait Storage: Send + Sync + 'static {
+    /// Applies one lane batch atomically. Not durable until [`Storage::flush`].
+    fn commit(&self, batch: &CommitBatch) -> Result<()>;
+    /// Appends messages to an embedded-log topic atomically and returns their
+    /// offsets. Not durable until [`Storage::flush`].
+    fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>>;
+    /// Makes everything applied so far durable (on stable storage).
+    fn flush(&self) -> Result<()>;
+}
+
+impl Storage for Ledger {
+    fn commit(&self, batch: &CommitBatch) -> Result<()> {
+        Ledger::commit(self, batch)
+    }
+
+    fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
+        self.append_batch(topic, items)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ledger::flush(self)
+    }
+}
+
+/// `meta` key of the id floor (see [`Ledger::next_id`]).
+const ID_FLOOR_KEY: &[u8] = b"id_floor";
 
 /// Next offset per (topic, partition).
 type NextOffsets = HashMap<(String, u32), u64>;
@@ -91,6 +135,9 @@ struct Trees {
     dedup: Tree,
     outbox: Tree,
     dlq: Tree,
+    parked: Tree,
+    dlq_actions: Tree,
+    audit: Tree,
     handlers: Tree,
     artifacts: Tree,
     meta: Tree,
@@ -103,6 +150,8 @@ struct Inner {
     /// Next offset per (topic, partition); held while appending so offsets
     /// are assigned without gaps or races.
     next_offsets: Mutex<HashMap<(String, u32), u64>>,
+    /// Ids from [`Ledger::next_id`] are above this (raised by an import).
+    id_floor: std::sync::atomic::AtomicU64,
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -134,6 +183,9 @@ impl Ledger {
             dedup: t("dedup")?,
             outbox: t("outbox")?,
             dlq: t("dlq")?,
+            parked: t("parked")?,
+            dlq_actions: t("dlq_actions")?,
+            audit: t("audit")?,
             handlers: t("handlers")?,
             artifacts: t("artifacts")?,
             meta: t("meta")?,
@@ -147,12 +199,21 @@ impl Ledger {
         if let Ok(d) = File::open(dir) {
             d.sync_all()?;
         }
+        let id_floor = match trees.meta.get(ID_FLOOR_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| LedgerError::Corrupt("id floor".into()))?,
+            ),
+            None => 0,
+        };
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db,
                 trees,
                 data_file,
                 next_offsets: Mutex::new(HashMap::new()),
+                id_floor: std::sync::atomic::AtomicU64::new(id_floor),
             }),
         })
     }
@@ -197,7 +258,7 @@ impl Ledger {
                     .ok_or_else(|| LedgerError::Corrupt("log key".into()))?
             }
             None => self
-                .meta_u64(&low_watermark_key(topic, partition))?
+                .meta_u64(&keys::low_watermark(topic, partition))?
                 .unwrap_or(0),
         };
         map.insert((topic.to_string(), partition), next);
@@ -273,6 +334,53 @@ impl Ledger {
         self.next_offset_locked(&mut map, topic, partition)
     }
 
+    /// The offset below which a partition's messages may be removed under
+    /// retention: every message below it is below `keep_from` (committed by
+    /// every subscriber) and was appended before `cutoff_ms`. Looks at most
+    /// at `max_scan` messages; `None` when nothing may be removed.
+    pub fn retention_bound(
+        &self,
+        topic: &str,
+        partition: u32,
+        keep_from: u64,
+        cutoff_ms: u64,
+        max_scan: usize,
+    ) -> Result<Option<u64>> {
+        let start = keys::log(topic, partition, 0);
+        let end = keys::log(topic, partition, keep_from);
+        let mut bound = None;
+        for entry in self.trees().log.range(start..end).take(max_scan) {
+            let (k, v) = entry?;
+            let mut r = keys::KeyReader::new(&k);
+            let (_, _, offset) = (r.str(), r.u32(), r.u64());
+            let offset = offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))?;
+            let envelope: Envelope = decode(&v, "log entry")?;
+            if envelope.appended_at_ms >= cutoff_ms {
+                break;
+            }
+            bound = Some(offset + 1);
+        }
+        Ok(bound)
+    }
+
+    /// The oldest offset still in a partition (its high watermark if empty).
+    pub fn low_watermark(&self, topic: &str, partition: u32) -> Result<u64> {
+        let first = self
+            .trees()
+            .log
+            .scan_prefix(keys::log_partition(topic, partition))
+            .next()
+            .transpose()?;
+        match first {
+            Some((k, _)) => {
+                let mut r = keys::KeyReader::new(&k);
+                let (_, _, offset) = (r.str(), r.u32(), r.u64());
+                offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))
+            }
+            None => self.high_watermark(topic, partition),
+        }
+    }
+
     /// Removes a partition's messages below `offset` (retention).
     pub fn remove_before(&self, topic: &str, partition: u32, offset: u64) -> Result<usize> {
         let start = keys::log(topic, partition, 0);
@@ -288,9 +396,17 @@ impl Ledger {
         // a partition is emptied by retention.
         self.trees()
             .meta
-            .insert(low_watermark_key(topic, partition), &offset.to_be_bytes())?;
+            .insert(keys::low_watermark(topic, partition), &offset.to_be_bytes())?;
         self.trees().log.apply_batch(batch)?;
         Ok(n)
+    }
+
+    /// Replaces a topic's configuration. Not durable until flushed.
+    pub fn set_topic_config(&self, topic: &str, config: &TopicConfig) -> Result<()> {
+        self.trees()
+            .meta
+            .insert(keys::topic_meta(topic), encode(config)?)?;
+        Ok(())
     }
 
     /// Creates a topic (no-op if it exists with any configuration).
@@ -390,8 +506,100 @@ impl Ledger {
         }
     }
 
-    /// Applies a batch in ONE transaction over state, dedup, cursor, dlq and
-    /// log. Not durable until flushed.
+    /// A new unique, increasing id (dead-letter and audit sequences).
+    pub fn next_id(&self) -> Result<u64> {
+        let floor = self
+            .inner
+            .id_floor
+            .load(std::sync::atomic::Ordering::SeqCst);
+        Ok(floor + self.inner.db.generate_id()? + 1)
+    }
+
+    /// Makes every later [`Ledger::next_id`] exceed `max` (after an import).
+    pub(crate) fn raise_id_floor(&self, max: u64) -> Result<()> {
+        self.inner
+            .id_floor
+            .fetch_max(max, std::sync::atomic::Ordering::SeqCst);
+        let floor = self
+            .inner
+            .id_floor
+            .load(std::sync::atomic::Ordering::SeqCst);
+        self.trees()
+            .meta
+            .insert(ID_FLOOR_KEY, &floor.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Every tree with its name.
+    pub(crate) fn named_trees(&self) -> Vec<(&'static str, &Tree)> {
+        let t = self.trees();
+        vec![
+            ("log", &t.log),
+            ("cursor", &t.cursor),
+            ("state", &t.state),
+            ("dedup", &t.dedup),
+            ("outbox", &t.outbox),
+            ("dlq", &t.dlq),
+            ("parked", &t.parked),
+            ("dlq_actions", &t.dlq_actions),
+            ("audit", &t.audit),
+            ("handlers", &t.handlers),
+            ("artifacts", &t.artifacts),
+            ("meta", &t.meta),
+        ]
+    }
+
+    /// Every state value of one partition key of a handler.
+    pub fn state_entries(
+        &self,
+        handler: &str,
+        partition_key: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = keys::state_prefix(handler, partition_key);
+        let mut out = Vec::new();
+        for entry in self.trees().state.scan_prefix(&prefix) {
+            let (k, v) = entry?;
+            let mut r = keys::KeyReader::new(&k);
+            let (_, _, state_key) = (r.str(), r.str(), r.str());
+            let state_key = state_key.ok_or_else(|| LedgerError::Corrupt("state key".into()))?;
+            out.push((state_key.to_string(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes committed idempotency records older than `cutoff_ms`,
+    /// looking at most at `max_scan` records from `from` (a `dedup` key; empty
+    /// = the start). Records of dead-lettered or held messages are kept.
+    /// Returns (removed, where to continue; `None` after the last record).
+    pub fn sweep_dedup(
+        &self,
+        from: &[u8],
+        cutoff_ms: u64,
+        max_scan: usize,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let tree = &self.trees().dedup;
+        let mut batch = sled::Batch::default();
+        let (mut removed, mut scanned) = (0, 0);
+        let mut next = None;
+        for entry in tree.range(from.to_vec()..) {
+            let (k, v) = entry?;
+            if scanned == max_scan {
+                next = Some(k.to_vec());
+                break;
+            }
+            scanned += 1;
+            let record: DedupRecord = decode(&v, "dedup record")?;
+            if record.outcome == DedupOutcome::Committed && record.committed_at_ms < cutoff_ms {
+                batch.remove(k);
+                removed += 1;
+            }
+        }
+        tree.apply_batch(batch)?;
+        Ok((removed, next))
+    }
+
+    /// Applies a batch in ONE transaction over state, dedup, cursor, dlq,
+    /// log, parked and dlq_actions. Not durable until flushed.
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
         // Everything that must happen once is prepared outside the closure.
         let state: Vec<(Vec<u8>, Option<&Vec<u8>>)> = batch
@@ -409,9 +617,29 @@ impl Ledger {
             .map(|(h, s, p, n)| (keys::cursor(h, s, *p), n.to_be_bytes()))
             .collect();
         let mut dlq = Vec::with_capacity(batch.dlq.len());
-        for d in &batch.dlq {
-            let seq = self.inner.db.generate_id()?;
-            dlq.push((keys::dlq(&d.handler, seq), encode(d)?));
+        for (h, seq, d) in &batch.dlq {
+            let value = match d {
+                Some(d) => Some(encode(d)?),
+                None => None,
+            };
+            dlq.push((keys::dlq(h, *seq), value));
+        }
+        let mut parked = Vec::with_capacity(batch.parked.len());
+        for (h, p, k, v) in &batch.parked {
+            let value = match v {
+                Some(v) => Some(encode(v)?),
+                None => None,
+            };
+            parked.push((keys::parked(h, *p, k), value));
+        }
+        let actions_done: Vec<Vec<u8>> = batch
+            .dlq_actions_done
+            .iter()
+            .map(|(h, p, seq)| keys::dlq_action(h, *p, *seq))
+            .collect();
+        let mut actions_new = Vec::with_capacity(batch.dlq_actions_new.len());
+        for (h, p, seq, action) in &batch.dlq_actions_new {
+            actions_new.push((keys::dlq_action(h, *p, *seq), encode(action)?));
         }
         let mut offsets_guard = if batch.log_appends.is_empty() {
             None
@@ -434,28 +662,53 @@ impl Ledger {
         }
 
         let t = self.trees();
-        (&t.state, &t.dedup, &t.cursor, &t.dlq, &t.log)
-            .transaction(|(state_t, dedup_t, cursor_t, dlq_t, log_t)| {
-                for (k, v) in &state {
-                    match v {
-                        Some(v) => state_t.insert(k.as_slice(), v.as_slice())?,
-                        None => state_t.remove(k.as_slice())?,
-                    };
-                }
-                for (k, v) in &dedup {
-                    dedup_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                for (k, v) in &cursors {
-                    cursor_t.insert(k.as_slice(), &v[..])?;
-                }
-                for (k, v) in &dlq {
-                    dlq_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                for (k, v) in &log {
-                    log_t.insert(k.as_slice(), v.as_slice())?;
-                }
-                Ok::<(), ConflictableTransactionError<LedgerError>>(())
-            })
+        (
+            &t.state,
+            &t.dedup,
+            &t.cursor,
+            &t.dlq,
+            &t.log,
+            &t.parked,
+            &t.dlq_actions,
+        )
+            .transaction(
+                |(state_t, dedup_t, cursor_t, dlq_t, log_t, parked_t, actions_t)| {
+                    for (k, v) in &state {
+                        match v {
+                            Some(v) => state_t.insert(k.as_slice(), v.as_slice())?,
+                            None => state_t.remove(k.as_slice())?,
+                        };
+                    }
+                    for (k, v) in &dedup {
+                        dedup_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, v) in &cursors {
+                        cursor_t.insert(k.as_slice(), &v[..])?;
+                    }
+                    for (k, v) in &dlq {
+                        match v {
+                            Some(v) => dlq_t.insert(k.as_slice(), v.as_slice())?,
+                            None => dlq_t.remove(k.as_slice())?,
+                        };
+                    }
+                    for (k, v) in &log {
+                        log_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, v) in &parked {
+                        match v {
+                            Some(v) => parked_t.insert(k.as_slice(), v.as_slice())?,
+                            None => parked_t.remove(k.as_slice())?,
+                        };
+                    }
+                    for k in &actions_done {
+                        actions_t.remove(k.as_slice())?;
+                    }
+                    for (k, v) in &actions_new {
+                        actions_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    Ok::<(), ConflictableTransactionError<LedgerError>>(())
+                },
+            )
             .map_err(tx_error)?;
         if let Some(mut map) = offsets_guard {
             map.extend(next_offsets);
@@ -463,9 +716,10 @@ impl Ledger {
         Ok(())
     }
 
-    // ---- dead letters -----------------------------------------------------
+    // ---- dead letters, parked keys, operator actions ------------------------
 
-    /// Number of dead letters of a handler.
+    /// Number of dead letters of a handler (held messages of parked keys
+    /// included).
     pub fn dlq_count(&self, handler: &str) -> Result<u64> {
         Ok(self
             .trees()
@@ -485,6 +739,133 @@ impl Ledger {
                 .and(r.u64())
                 .ok_or_else(|| LedgerError::Corrupt("dlq key".into()))?;
             out.push((seq, decode(&v, "dead letter")?));
+        }
+        Ok(out)
+    }
+
+    /// One dead letter.
+    pub fn dlq_get(&self, handler: &str, seq: u64) -> Result<Option<DeadLetter>> {
+        match self.trees().dlq.get(keys::dlq(handler, seq))? {
+            Some(v) => Ok(Some(decode(&v, "dead letter")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Parked keys of one lane.
+    pub fn parked_keys(&self, handler: &str, partition: u32) -> Result<Vec<ParkedKey>> {
+        let mut out = Vec::new();
+        for entry in self
+            .trees()
+            .parked
+            .scan_prefix(keys::handler_partition(handler, partition))
+        {
+            let (_, v) = entry?;
+            out.push(decode(&v, "parked key")?);
+        }
+        Ok(out)
+    }
+
+    /// Parked keys of a handler, with their partitions.
+    pub fn parked_list(&self, handler: &str) -> Result<Vec<(u32, ParkedKey)>> {
+        let mut out = Vec::new();
+        for entry in self
+            .trees()
+            .parked
+            .scan_prefix(keys::handler_prefix(handler))
+        {
+            let (k, v) = entry?;
+            let mut r = keys::KeyReader::new(&k);
+            let partition = r
+                .str()
+                .and(r.u32())
+                .ok_or_else(|| LedgerError::Corrupt("parked key".into()))?;
+            out.push((partition, decode(&v, "parked key")?));
+        }
+        Ok(out)
+    }
+
+    /// Number of parked keys of a handler.
+    pub fn parked_count(&self, handler: &str) -> Result<u64> {
+        Ok(self
+            .trees()
+            .parked
+            .scan_prefix(keys::handler_prefix(handler))
+            .count() as u64)
+    }
+
+    /// Records operator actions on dead letters for their lanes to carry
+    /// out; (partition, sequence, action). Not durable until flushed.
+    pub fn request_dlq_actions(
+        &self,
+        handler: &str,
+        actions: &[(u32, u64, DlqAction)],
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (p, seq, action) in actions {
+            batch.insert(keys::dlq_action(handler, *p, *seq), encode(action)?);
+        }
+        self.trees().dlq_actions.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Pending operator actions of one lane, oldest dead letter first.
+    pub fn dlq_actions(
+        &self,
+        handler: &str,
+        partition: u32,
+        max: usize,
+    ) -> Result<Vec<(u64, DlqAction)>> {
+        let mut out = Vec::new();
+        for entry in self
+            .trees()
+            .dlq_actions
+            .scan_prefix(keys::handler_partition(handler, partition))
+            .take(max)
+        {
+            let (k, v) = entry?;
+            let mut r = keys::KeyReader::new(&k);
+            let seq = r
+                .str()
+                .and(r.u32())
+                .and(r.u64())
+                .ok_or_else(|| LedgerError::Corrupt("dlq action key".into()))?;
+            out.push((seq, decode(&v, "dlq action")?));
+        }
+        Ok(out)
+    }
+
+    /// Number of pending operator actions of a handler.
+    pub fn dlq_actions_pending(&self, handler: &str) -> Result<u64> {
+        Ok(self
+            .trees()
+            .dlq_actions
+            .scan_prefix(keys::handler_prefix(handler))
+            .count() as u64)
+    }
+
+    // ---- audit --------------------------------------------------------------
+
+    /// Appends an audit record. Not durable until flushed.
+    pub fn append_audit(&self, record: &AuditRecord) -> Result<u64> {
+        let seq = self.next_id()?;
+        self.trees()
+            .audit
+            .insert(keys::audit(seq), encode(record)?)?;
+        Ok(seq)
+    }
+
+    /// The audit trail, oldest first, optionally of one handler.
+    pub fn audit_list(&self, handler: Option<&str>) -> Result<Vec<(u64, AuditRecord)>> {
+        let mut out = Vec::new();
+        for entry in self.trees().audit.iter() {
+            let (k, v) = entry?;
+            let seq = keys::KeyReader::new(&k)
+                .u64()
+                .ok_or_else(|| LedgerError::Corrupt("audit key".into()))?;
+            let record: AuditRecord = decode(&v, "audit record")?;
+            if handler.is_none_or(|h| h == record.handler) {
+                out.push((seq, record));
+            }
         }
         Ok(out)
     }
@@ -527,6 +908,51 @@ impl Ledger {
         Ok(latest)
     }
 
+    /// Which version of a handler runs (`None` for handlers deployed before
+    /// this record existed: their latest version runs).
+    pub fn handler_control(&self, name: &str) -> Result<Option<HandlerControl>> {
+        match self.trees().meta.get(keys::handler_control(name))? {
+            Some(v) => Ok(Some(decode(&v, "handler control")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records which version of a handler runs. Not durable until flushed.
+    pub fn put_handler_control(&self, name: &str, control: &HandlerControl) -> Result<()> {
+        self.trees()
+            .meta
+            .insert(keys::handler_control(name), encode(control)?)?;
+        Ok(())
+    }
+
+    /// Removes everything of a handler: state, idempotency records, cursors,
+    /// dead letters, parked keys, pending actions, versions and control.
+    /// Artifacts stay (shared by content hash). Returns the records removed.
+    pub fn purge_handler(&self, name: &str) -> Result<usize> {
+        let prefix = keys::handler_prefix(name);
+        let t = self.trees();
+        let mut removed = 0;
+        for tree in [
+            &t.state,
+            &t.dedup,
+            &t.cursor,
+            &t.dlq,
+            &t.parked,
+            &t.dlq_actions,
+            &t.handlers,
+        ] {
+            let mut batch = sled::Batch::default();
+            for entry in tree.scan_prefix(&prefix) {
+                let (k, _) = entry?;
+                batch.remove(k);
+                removed += 1;
+            }
+            tree.apply_batch(batch)?;
+        }
+        t.meta.remove(keys::handler_control(name))?;
+        Ok(removed)
+    }
+
     /// Stores component bytes by content hash.
     pub fn put_artifact(&self, content_hash: &str, bytes: &[u8]) -> Result<()> {
         self.trees()
@@ -548,12 +974,6 @@ impl Ledger {
     pub fn outbox_len(&self) -> usize {
         self.trees().outbox.len()
     }
-}
-
-fn low_watermark_key(topic: &str, partition: u32) -> Vec<u8> {
-    let mut k = b"low/".to_vec();
-    k.extend_from_slice(&keys::log_partition(topic, partition));
-    k
 }
 
 #[cfg(test)]

@@ -52,6 +52,20 @@ pub enum DedupOutcome {
     Committed,
     /// It was dead-lettered.
     DeadLettered,
+    /// It was held in the dead-letter queue unprocessed because its
+    /// partition key was parked.
+    Parked,
+}
+
+impl DedupOutcome {
+    /// Name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DedupOutcome::Committed => "committed",
+            DedupOutcome::DeadLettered => "dead-lettered",
+            DedupOutcome::Parked => "held",
+        }
+    }
 }
 
 /// The idempotency record of one message.
@@ -105,7 +119,7 @@ pub struct DeadLetter {
 }
 
 /// One deployed version of a handler.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HandlerVersion {
     /// Handler name.
     pub name: String,
@@ -123,6 +137,179 @@ pub struct HandlerVersion {
     pub size: u64,
     /// Whether the first version started at the end of the topic.
     pub from_latest: bool,
+    /// Retry and failure policy of this version.
+    pub policy: FailurePolicy,
+    /// Sandbox limits of this version.
+    pub limits: crate::runtime::HandlerLimits,
+}
+
+/// Which version of a handler runs, and whether it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HandlerControl {
+    /// The version the lanes run (deploy and rollback set it).
+    pub active_version: u64,
+    /// Paused by an operator: lanes hold still until resumed.
+    pub paused: bool,
+    /// Undeployed: no lanes; state kept for a later deploy.
+    pub undeployed: bool,
+    /// A canary: (version, percentage of partition keys it handles).
+    pub canary: Option<(u64, u8)>,
+}
+
+/// When and how often a retryable failure is retried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff ceiling before the second attempt (ms).
+    pub initial_backoff_ms: u64,
+    /// Growth of the ceiling per attempt.
+    pub backoff_factor: f64,
+    /// Largest ceiling (ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            initial_backoff_ms: 100,
+            backoff_factor: 2.0,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff ceiling after failed attempt `attempt` (from 1); the
+    /// actual wait is drawn uniformly from `0..=ceiling` ("full jitter").
+    pub fn ceiling_ms(&self, attempt: u32) -> u64 {
+        let exp = self
+            .backoff_factor
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let ceiling = self.initial_backoff_ms as f64 * exp;
+        if ceiling.is_finite() {
+            (ceiling as u64).min(self.max_backoff_ms)
+        } else {
+            self.max_backoff_ms
+        }
+    }
+
+    /// Checks the values are usable; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=1000).contains(&self.max_attempts) {
+            return Err(format!(
+                "max_attempts must be 1..=1000, got {}",
+                self.max_attempts
+            ));
+        }
+        if !(1.0..=100.0).contains(&self.backoff_factor) {
+            return Err(format!(
+                "backoff_factor must be 1..=100, got {}",
+                self.backoff_factor
+            ));
+        }
+        if self.max_backoff_ms > 24 * 3600 * 1000 {
+            return Err(format!(
+                "max_backoff_ms must be at most one day, got {}",
+                self.max_backoff_ms
+            ));
+        }
+        if self.initial_backoff_ms > self.max_backoff_ms {
+            return Err(format!(
+                "initial_backoff_ms ({}) must not exceed max_backoff_ms ({})",
+                self.initial_backoff_ms, self.max_backoff_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What happens to a partition key after one of its messages is
+/// dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnFailure {
+    /// Park the key: its later messages are held in the dead-letter queue,
+    /// in order, until an operator replays or drops its backlog.
+    #[default]
+    ParkKey,
+    /// Skip the message; the key's later messages are processed.
+    DeadLetter,
+}
+
+impl OnFailure {
+    /// Name used in the API and CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::ParkKey => "park-key",
+            OnFailure::DeadLetter => "dead-letter",
+        }
+    }
+
+    /// Parses the API/CLI name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "park-key" => Ok(OnFailure::ParkKey),
+            "dead-letter" => Ok(OnFailure::DeadLetter),
+            other => Err(format!(
+                "on_failure must be `park-key` or `dead-letter`, got {other:?}"
+            )),
+        }
+    }
+}
+
+/// A handler version's failure handling.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FailurePolicy {
+    /// Retries of retryable failures.
+    pub retry: RetryPolicy,
+    /// What a dead letter does to its key.
+    pub on_failure: OnFailure,
+}
+
+/// A parked partition key: its messages are held until its dead-letter
+/// backlog is replayed or dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedKey {
+    /// The partition key.
+    pub partition_key: String,
+    /// When it was parked (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// The dead letter that parked it (0 when paused by an operator).
+    pub cause_seq: u64,
+    /// Paused by an operator rather than parked by a failure.
+    pub paused: bool,
+}
+
+/// An operator action carried out by a lane: on one dead letter (keyed by
+/// its sequence), or on one partition key (keyed by a fresh sequence).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DlqAction {
+    /// Process it again through the current handler version.
+    Replay,
+    /// Remove it (an audit record is kept).
+    Drop,
+    /// Replay its key's whole backlog, oldest first, following messages
+    /// held meanwhile, until it is drained (then the key is unparked).
+    ReplayKey,
+    /// Hold this partition key's messages, in order, like a parked key.
+    PauseKey(String),
+    /// Replay this key's held backlog, oldest first, then unpark it.
+    ResumeKey(String),
+}
+
+/// An operator action, kept in the `audit` tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// What (`deploy`, `dlq-replay`, `dlq-drop`, ...).
+    pub action: String,
+    /// Which handler.
+    pub handler: String,
+    /// Details (selection, reason, affected messages).
+    pub detail: String,
 }
 
 /// Configuration of an embedded-log topic.

@@ -33,8 +33,8 @@ fn commit_is_visible_and_survives_reopen() {
             ],
             dedup: vec![("h".into(), "m1".into(), dedup_record(5))],
             cursors: vec![("h".into(), "log".into(), 3, 6)],
-            dlq: vec![],
             log_appends: vec![("out".into(), 1, env("x", "emitted"))],
+            ..CommitBatch::default()
         };
         ledger.commit(&batch).unwrap();
         ledger.flush().unwrap();
@@ -106,7 +106,7 @@ fn offsets_are_consecutive_across_threads_and_restarts() {
 async fn group_commit_shares_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(dir.path()).unwrap();
-    let committer = GroupCommitter::start(ledger.clone());
+    let committer = GroupCommitter::start(Arc::new(ledger.clone()));
     let mut tasks = Vec::new();
     for i in 0..64u32 {
         let c = committer.clone();
@@ -129,4 +129,190 @@ async fn group_commit_shares_flushes() {
     assert!(committer.flushes() < 64, "flushes {}", committer.flushes());
     assert!(committer.flushes() >= 1);
     assert!(!committer.failed());
+}
+
+fn dead_letter(key: &str, offset: u64) -> DeadLetter {
+    DeadLetter {
+        handler: "h".into(),
+        version: 1,
+        topic: "t".into(),
+        partition: 2,
+        offset,
+        partition_key: key.into(),
+        idempotency_key: format!("{key}/{offset}"),
+        payload: b"{}".to_vec(),
+        headers: vec![],
+        error_kind: "permanent".into(),
+        error: "no".into(),
+        attempts: 1,
+        first_failure_ms: 1,
+        last_failure_ms: 1,
+    }
+}
+
+#[test]
+fn dead_letters_parking_and_actions_commit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    let (s1, s2) = (ledger.next_id().unwrap(), ledger.next_id().unwrap());
+    assert!(s1 < s2);
+    let parked = ParkedKey {
+        partition_key: "k".into(),
+        since_ms: 7,
+        cause_seq: s1,
+        paused: false,
+    };
+    ledger
+        .commit(&CommitBatch {
+            dlq: vec![
+                ("h".into(), s1, Some(dead_letter("k", 10))),
+                ("h".into(), s2, Some(dead_letter("k", 11))),
+            ],
+            parked: vec![("h".into(), 2, "k".into(), Some(parked.clone()))],
+            ..CommitBatch::default()
+        })
+        .unwrap();
+    assert_eq!(ledger.parked_keys("h", 2).unwrap(), vec![parked.clone()]);
+    assert!(ledger.parked_keys("h", 3).unwrap().is_empty());
+    assert_eq!(ledger.parked_list("h").unwrap(), vec![(2, parked)]);
+    let list = ledger.dlq_list("h").unwrap();
+    assert_eq!(
+        list.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![s1, s2]
+    );
+    assert_eq!(ledger.dlq_get("h", s2).unwrap().unwrap().offset, 11);
+
+    ledger
+        .request_dlq_actions("h", &[(2, s2, DlqAction::Drop), (2, s1, DlqAction::Replay)])
+        .unwrap();
+    assert_eq!(ledger.dlq_actions_pending("h").unwrap(), 2);
+    assert_eq!(
+        ledger.dlq_actions("h", 2, 10).unwrap(),
+        vec![(s1, DlqAction::Replay), (s2, DlqAction::Drop)]
+    );
+    assert!(ledger.dlq_actions("h", 1, 10).unwrap().is_empty());
+
+    // Carrying out both actions removes them, the dead letters and the
+    // parking in one transaction.
+    ledger
+        .commit(&CommitBatch {
+            dlq: vec![("h".into(), s1, None), ("h".into(), s2, None)],
+            parked: vec![("h".into(), 2, "k".into(), None)],
+            dlq_actions_done: vec![("h".into(), 2, s1), ("h".into(), 2, s2)],
+            ..CommitBatch::default()
+        })
+        .unwrap();
+    assert_eq!(ledger.dlq_count("h").unwrap(), 0);
+    assert_eq!(ledger.parked_count("h").unwrap(), 0);
+    assert_eq!(ledger.dlq_actions_pending("h").unwrap(), 0);
+
+    // A continuation replaces the action it carries on from.
+    ledger
+        .request_dlq_actions("h", &[(2, s1, DlqAction::ReplayKey)])
+        .unwrap();
+    ledger
+        .commit(&CommitBatch {
+            dlq_actions_done: vec![("h".into(), 2, s1), ("h".into(), 2, s2)],
+            dlq_actions_new: vec![("h".into(), 2, s2, DlqAction::ReplayKey)],
+            ..CommitBatch::default()
+        })
+        .unwrap();
+    assert_eq!(
+        ledger.dlq_actions("h", 2, 10).unwrap(),
+        vec![(s2, DlqAction::ReplayKey)]
+    );
+
+    let rec = AuditRecord {
+        at_ms: 1,
+        action: "dlq-drop".into(),
+        handler: "h".into(),
+        detail: "d".into(),
+    };
+    ledger.append_audit(&rec).unwrap();
+    assert_eq!(ledger.audit_list(Some("h")).unwrap()[0].1, rec);
+    assert!(ledger.audit_list(Some("other")).unwrap().is_empty());
+}
+
+#[test]
+fn retry_backoff_ceiling_grows_and_caps() {
+    let p = RetryPolicy::default();
+    assert_eq!(p.ceiling_ms(1), 100);
+    assert_eq!(p.ceiling_ms(2), 200);
+    assert_eq!(p.ceiling_ms(9), 25_600);
+    assert_eq!(p.ceiling_ms(10), 30_000);
+    assert_eq!(p.ceiling_ms(u32::MAX), 30_000);
+    assert!(p.validate().is_ok());
+    let bad = RetryPolicy {
+        max_attempts: 0,
+        ..RetryPolicy::default()
+    };
+    assert!(bad.validate().unwrap_err().contains("max_attempts"));
+}
+
+/// A storage whose flushes fail from the `fail_from`-th on (EIO).
+struct FailingFlush {
+    ledger: Ledger,
+    flushes: std::sync::atomic::AtomicU32,
+    fail_from: u32,
+}
+
+impl Storage for FailingFlush {
+    fn commit(&self, batch: &CommitBatch) -> Result<()> {
+        self.ledger.commit(batch)
+    }
+    fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
+        self.ledger.append_batch(topic, items)
+    }
+    fn flush(&self) -> Result<()> {
+        let n = self
+            .flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if n >= self.fail_from {
+            return Err(LedgerError::Io(std::io::Error::from_raw_os_error(5)));
+        }
+        self.ledger.flush()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_is_never_reported_durable_and_stops_the_committer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    let committer = GroupCommitter::start(Arc::new(FailingFlush {
+        ledger: ledger.clone(),
+        flushes: Default::default(),
+        fail_from: 2,
+    }));
+    let c = committer.clone();
+    let (offsets, ticket) =
+        tokio::task::spawn_blocking(move || c.append("t", &[(0, env("k", "first"))]))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(offsets, vec![0]);
+    committer.wait_durable(ticket).await.unwrap();
+
+    // The second flush fails (EIO): its waiter gets an error, not "durable".
+    let c = committer.clone();
+    let (_, ticket) =
+        tokio::task::spawn_blocking(move || c.append("t", &[(0, env("k", "second"))]))
+            .await
+            .unwrap()
+            .unwrap();
+    let err = committer.wait_durable(ticket).await.unwrap_err();
+    assert!(matches!(err, LedgerError::NotDurable(_)), "{err}");
+    assert!(committer.failed());
+    // From now on nothing is accepted, and nothing is reported durable.
+    let c = committer.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        c.commit(&CommitBatch {
+            cursors: vec![("h".into(), "log".into(), 0, 1)],
+            ..CommitBatch::default()
+        })
+    })
+    .await
+    .unwrap();
+    assert!(matches!(refused, Err(LedgerError::NotDurable(_))));
+    assert!(committer.wait_durable(ticket + 1).await.is_err());
 }

@@ -79,7 +79,9 @@ impl Runtime {
             .total_tables(config.max_concurrent_instances * 8)
             .total_stacks(config.max_concurrent_instances)
             .max_memory_size(config.max_memory_bytes)
-            .max_unused_warm_slots(config.max_concurrent_instances);
+            .max_unused_warm_slots(config.max_concurrent_instances)
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(64 << 10);
 
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)

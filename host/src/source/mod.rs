@@ -7,5 +7,5 @@
 pub mod partition;
 pub mod topics;
 
-pub use partition::partition_for;
+pub use partition::{canary_bucket, partition_for};
 pub use topics::{validate_topic_name, Topics};

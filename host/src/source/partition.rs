@@ -23,6 +23,17 @@ pub fn partition_for(key: &str, partitions: u32) -> u32 {
     fnv1a_32(key.as_bytes()) % partitions.max(1)
 }
 
+/// The canary bucket (0..100) of a partition key:
+/// `fnv1a_32("canary/" + key) % 100`. A canary at P % runs the keys whose
+/// bucket is below P; the prefix keeps the choice independent of the
+/// partition a key lives in.
+pub fn canary_bucket(key: &str) -> u32 {
+    let mut bytes = Vec::with_capacity(7 + key.len());
+    bytes.extend_from_slice(b"canary/");
+    bytes.extend_from_slice(key.as_bytes());
+    fnv1a_32(&bytes) % 100
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +46,14 @@ mod tests {
         assert_eq!(fnv1a_32(b"foobar"), 0xbf9c_f968);
         assert_eq!(partition_for("foobar", 16), 0xbf9c_f968 % 16);
         assert_eq!(partition_for("x", 0), 0);
+    }
+
+    #[test]
+    fn canary_buckets_spread() {
+        let below_30 = (0..10_000)
+            .filter(|i| canary_bucket(&format!("key-{i}")) < 30)
+            .count();
+        assert!((2_700..3_300).contains(&below_30), "{below_30}");
+        assert_eq!(canary_bucket("k"), canary_bucket("k"));
     }
 }

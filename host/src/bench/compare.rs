@@ -1,0 +1,494 @@
+//! `ordo bench compare`: in one run, on one machine and disk, the same
+//! counter logic as
+//! 1. ordo effectively-once (WASM handler, embedded log, 16 partitions),
+//! 2. ordo at-least-once (dedup ledger off),
+//! 3. ordo effectively-once with a native (in-host Rust) handler,
+//! 4. the hand-written baseline: one PostgreSQL transaction per message
+//!    (insert into `processed_messages` with a conflict check, `SELECT …
+//!    FOR UPDATE` of the state row, update, commit), 16 workers,
+//! 5. the disk's limit: `fdatasync` calls per second.
+//!
+//! Every run gets the same messages: per-key sequences over `keys` keys
+//! with 10 % duplicate deliveries.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::api::ingest::IncomingMessage;
+use crate::dispatch::NativeHandler;
+use crate::host::{Host, HostConfig};
+use crate::runtime::{Failure, FailureKind, Message, Overlay, StateAccess};
+
+/// Options of `ordo bench compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Where the built handlers are.
+    #[arg(long, default_value = "target/handlers")]
+    handlers_dir: PathBuf,
+    /// Unique messages per ordo run (plus 10 % duplicates).
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: usize,
+    /// Unique messages of the PostgreSQL baseline (it is slower; its rate
+    /// is what is compared).
+    #[arg(long, default_value_t = 50_000)]
+    postgres_messages: usize,
+    /// Partition keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// PostgreSQL connection string of the baseline.
+    #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=test")]
+    postgres: String,
+    /// The markdown file the table is recorded in.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+}
+
+/// One run's figures.
+struct RunResult {
+    name: String,
+    messages: u64,
+    secs: f64,
+    cpu_pct: f64,
+    peak_rss_mib: f64,
+    commits_per_flush: Option<f64>,
+    messages_per_flush: Option<f64>,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs.max(1e-9)
+    }
+}
+
+/// (key, seq) of message `i`, and whether it is delivered twice.
+fn nth(i: usize, keys: usize) -> (usize, u64, bool) {
+    (i % keys, (i / keys) as u64 + 1, i % 10 == 0)
+}
+
+fn workload(messages: usize, keys: usize) -> Vec<IncomingMessage> {
+    let mut out = Vec::with_capacity(messages * 11 / 10);
+    for i in 0..messages {
+        let (key, seq, dup) = nth(i, keys);
+        let m = IncomingMessage {
+            key: format!("key-{key}"),
+            idempotency_key: Some(format!("key-{key}/{seq}")),
+            payload: format!("{{\"seq\":{seq}}}").into_bytes(),
+            headers: vec![],
+        };
+        if dup {
+            out.push(m.clone());
+        }
+        out.push(m);
+    }
+    out
+}
+
+/// CPU seconds used by this process so far (user + system).
+fn cpu_secs() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let utime: f64 = rest.get(11)?.parse().ok()?;
+            let stime: f64 = rest.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Resident set size now (MiB).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Samples CPU and peak RSS while a run is going.
+struct Meter {
+    start: Instant,
+    cpu0: f64,
+    peak_rss: f64,
+}
+
+impl Meter {
+    fn start() -> Self {
+        Meter {
+            start: Instant::now(),
+            cpu0: cpu_secs(),
+            peak_rss: rss_mib(),
+        }
+    }
+
+    fn sample(&mut self) {
+        self.peak_rss = self.peak_rss.max(rss_mib());
+    }
+
+    fn finish(mut self) -> (f64, f64, f64) {
+        self.sample();
+        let secs = self.start.elapsed().as_secs_f64();
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let cpu = (cpu_secs() - self.cpu0) / secs.max(1e-9) / cores * 100.0;
+        (secs, cpu, self.peak_rss)
+    }
+}
+
+/// The counter handler's logic in Rust, without the sandbox.
+struct NativeCounter;
+
+impl NativeHandler for NativeCounter {
+    fn handle(
+        &self,
+        msg: &Message,
+        state: &mut dyn StateAccess,
+        overlay: &mut Overlay,
+    ) -> Result<(), Failure> {
+        let payload: serde_json::Value = serde_json::from_slice(&msg.payload)
+            .map_err(|e| Failure::new(FailureKind::Permanent, e.to_string()))?;
+        let seq = payload["seq"]
+            .as_u64()
+            .ok_or_else(|| Failure::new(FailureKind::Permanent, "no seq"))?;
+        let host = |e: anyhow::Error| Failure::new(FailureKind::Host, e.to_string());
+        let seqs = match state.get("seqs").map_err(host)? {
+            Some(old) if !old.is_empty() => format!("{},{seq}", String::from_utf8_lossy(&old)),
+            _ => seq.to_string(),
+        };
+        let count = state
+            .get("count")
+            .map_err(host)?
+            .and_then(|c| String::from_utf8_lossy(&c).parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        overlay
+            .writes
+            .insert("seqs".into(), Some(seqs.into_bytes()));
+        overlay
+            .writes
+            .insert("count".into(), Some(count.to_string().into_bytes()));
+        overlay
+            .writes
+            .insert("attempt".into(), Some(msg.attempt.to_string().into_bytes()));
+        Ok(())
+    }
+}
+
+enum Mode {
+    Wasm(Vec<u8>),
+    Native,
+}
+
+async fn run_ordo(
+    name: &str,
+    mode: Mode,
+    dedup: bool,
+    messages: &[IncomingMessage],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<RunResult> {
+    let dir = tempfile::tempdir_in(".")?;
+    let config = HostConfig {
+        dedup,
+        ..HostConfig::default()
+    };
+    let host = Host::open(dir.path(), config).await?;
+    bar.set_message(format!("{name}: loading the log"));
+    bar.set_length(messages.len() as u64);
+    bar.set_position(0);
+    for chunk in messages.chunks(5_000) {
+        host.ingest("bench", chunk.to_vec()).await?;
+        bar.inc(chunk.len() as u64);
+    }
+    let total = messages.len() as u64;
+    let (flushes0, commits0) = (host.committer().flushes(), host.committer().commits());
+    let mut meter = Meter::start();
+    match mode {
+        Mode::Wasm(bytes) => {
+            host.deploy("counter", "bench", bytes, Default::default())
+                .await?;
+        }
+        Mode::Native => host.run_native("counter", "bench", Arc::new(NativeCounter))?,
+    }
+    bar.set_message(format!("{name}: draining"));
+    bar.set_position(0);
+    loop {
+        let s = host.status()?;
+        let h = s
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no handler running"))?;
+        let done = h.processed + h.duplicates + h.dead_lettered;
+        bar.set_position(done);
+        meter.sample();
+        if h.lag == 0 && done >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (secs, cpu_pct, peak_rss_mib) = meter.finish();
+    let flushes = host.committer().flushes() - flushes0;
+    let commits = host.committer().commits() - commits0;
+    host.shutdown().await?;
+    Ok(RunResult {
+        name: name.to_string(),
+        messages: total,
+        secs,
+        cpu_pct,
+        peak_rss_mib,
+        commits_per_flush: Some(commits as f64 / flushes.max(1) as f64),
+        messages_per_flush: Some(total as f64 / flushes.max(1) as f64),
+    })
+}
+
+/// The hand-written pattern: per message one PostgreSQL transaction.
+async fn run_postgres(
+    conn: &str,
+    messages: &[IncomingMessage],
+    workers: usize,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<RunResult> {
+    let (setup, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("PostgreSQL at {conn:?}: {e}"))?;
+    let driver = tokio::spawn(connection);
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS ordo_bench_processed, ordo_bench_state;
+             CREATE TABLE ordo_bench_processed (consumer text NOT NULL, message_id text NOT NULL,
+                                                PRIMARY KEY (consumer, message_id));
+             CREATE TABLE ordo_bench_state (key text PRIMARY KEY, seqs text NOT NULL, count bigint NOT NULL);",
+        )
+        .await?;
+    // Per-key order: a key always goes to the same worker.
+    let mut queues: Vec<Vec<(String, String, u64)>> = vec![Vec::new(); workers];
+    for m in messages {
+        let seq = String::from_utf8_lossy(&m.payload)
+            .trim_start_matches("{\"seq\":")
+            .trim_end_matches('}')
+            .parse::<u64>()
+            .unwrap_or(0);
+        let w = crate::source::partition_for(&m.key, workers as u32) as usize;
+        queues[w].push((
+            m.key.clone(),
+            m.idempotency_key.clone().unwrap_or_default(),
+            seq,
+        ));
+    }
+    bar.set_message("postgres baseline");
+    bar.set_length(messages.len() as u64);
+    bar.set_position(0);
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut meter = Meter::start();
+    let mut tasks = Vec::new();
+    for queue in queues {
+        let conn = conn.to_string();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut client, connection) =
+                tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let insert = client
+                .prepare("INSERT INTO ordo_bench_processed VALUES ('counter', $1) ON CONFLICT DO NOTHING")
+                .await?;
+            let select = client
+                .prepare("SELECT seqs, count FROM ordo_bench_state WHERE key = $1 FOR UPDATE")
+                .await?;
+            let update = client
+                .prepare("UPDATE ordo_bench_state SET seqs = $2, count = $3 WHERE key = $1")
+                .await?;
+            let create = client
+                .prepare("INSERT INTO ordo_bench_state VALUES ($1, $2, 1)")
+                .await?;
+            for (key, id, seq) in queue {
+                let tx = client.transaction().await?;
+                if tx.execute(&insert, &[&id]).await? == 1 {
+                    match tx.query_opt(&select, &[&key]).await? {
+                        Some(row) => {
+                            let seqs: String = row.get(0);
+                            let count: i64 = row.get(1);
+                            tx.execute(&update, &[&key, &format!("{seqs},{seq}"), &(count + 1)])
+                                .await?;
+                        }
+                        None => {
+                            tx.execute(&create, &[&key, &seq.to_string()]).await?;
+                        }
+                    }
+                }
+                tx.commit().await?;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let all = futures_join(tasks);
+    tokio::pin!(all);
+    loop {
+        tokio::select! {
+            r = &mut all => { r?; break; }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                bar.set_position(done.load(std::sync::atomic::Ordering::Relaxed));
+                meter.sample();
+            }
+        }
+    }
+    let (secs, _, _) = meter.finish();
+    // The work happens in the PostgreSQL server, not in this process: report
+    // the machine's CPU use instead.
+    setup
+        .batch_execute("DROP TABLE ordo_bench_processed, ordo_bench_state")
+        .await?;
+    drop(setup);
+    let _ = driver.await;
+    Ok(RunResult {
+        name: format!("PostgreSQL processed_messages pattern, {workers} workers"),
+        messages: messages.len() as u64,
+        secs,
+        cpu_pct: f64::NAN,
+        peak_rss_mib: f64::NAN,
+        commits_per_flush: None,
+        messages_per_flush: None,
+    })
+}
+
+async fn futures_join(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<()> {
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// `fdatasync` calls per second on the filesystem of the current directory.
+fn fsync_rate() -> anyhow::Result<f64> {
+    use std::io::Write;
+    let mut file = tempfile::NamedTempFile::new_in(".")?;
+    let block = [7u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        file.write_all(&block)?;
+        file.as_file().sync_data()?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn fmt(v: f64, digits: usize) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else {
+        format!("{v:.digits$}")
+    }
+}
+
+/// Runs the comparison, prints the table and records it.
+pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
+    let wasm = std::fs::read(args.handlers_dir.join("counter.wasm"))
+        .map_err(|e| anyhow::anyhow!("reading counter.wasm: {e} (run scripts/build-guests.sh)"))?;
+    let keys = args.keys.max(1);
+    let messages = workload(args.messages, keys);
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len} {per_sec}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut results = Vec::new();
+    results.push(
+        run_ordo(
+            "ordo effectively-once, WASM",
+            Mode::Wasm(wasm.clone()),
+            true,
+            &messages,
+            &bar,
+        )
+        .await?,
+    );
+    results.push(
+        run_ordo(
+            "ordo at-least-once (no dedup), WASM",
+            Mode::Wasm(wasm),
+            false,
+            &messages,
+            &bar,
+        )
+        .await?,
+    );
+    results.push(
+        run_ordo(
+            "ordo effectively-once, native handler",
+            Mode::Native,
+            true,
+            &messages,
+            &bar,
+        )
+        .await?,
+    );
+    let pg_messages = workload(args.postgres_messages.min(args.messages), keys);
+    results.push(run_postgres(&args.postgres, &pg_messages, 16, &bar).await?);
+    bar.set_message("disk: fdatasync/s");
+    let fsyncs = tokio::task::spawn_blocking(fsync_rate).await??;
+    bar.finish_and_clear();
+
+    let mut table = String::from(
+        "| run | messages | msg/s | CPU % (of all cores) | peak RSS MiB | commits per flush | messages per flush |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &results {
+        table.push_str(&format!(
+            "| {} | {} | {:.0} | {} | {} | {} | {} |\n",
+            r.name,
+            r.messages,
+            r.rate(),
+            fmt(r.cpu_pct, 0),
+            fmt(r.peak_rss_mib, 0),
+            r.commits_per_flush
+                .map(|c| format!("{c:.1}"))
+                .unwrap_or_else(|| "–".into()),
+            r.messages_per_flush
+                .map(|c| format!("{c:.0}"))
+                .unwrap_or_else(|| "–".into())
+        ));
+    }
+    table.push_str(&format!(
+        "| disk: 4 KiB write + fdatasync | – | {fsyncs:.0} fsync/s | – | – | – | – |\n"
+    ));
+    let by: HashMap<usize, f64> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i, r.rate()))
+        .collect();
+    let ratio = |a: usize, b: usize| by[&a] / by[&b].max(1e-9);
+    table.push_str(&format!(
+        "\n| ratio | value |\n|---|---:|\n\
+         | effectively-once / at-least-once | {:.2} |\n\
+         | WASM / native handler | {:.2} |\n\
+         | ordo effectively-once / PostgreSQL pattern | {:.1}× |\n",
+        ratio(0, 1),
+        ratio(0, 2),
+        ratio(0, 3),
+    ));
+    println!("{table}");
+    let body = format!(
+        "## Side by side: effectively-once vs at-least-once vs native vs the PostgreSQL pattern\n\n\
+         {}; counter logic, {} keys, 10 % duplicate deliveries, 16 partitions / workers; \
+         ordo drains a pre-loaded embedded log in-process.\n\
+         Reproduce: `scripts/build-guests.sh && cargo run --release -- bench compare` \
+         (PostgreSQL on 127.0.0.1, database `test`).\n\n{table}",
+        super::machine_summary(),
+        keys
+    );
+    super::record_section(&args.output, "compare", &body)?;
+    Ok(())
+}

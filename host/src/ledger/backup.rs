@@ -1,0 +1,316 @@
+//! Offline ledger tools: `check` (every record decodes, cross-references
+//! hold), `export` and `import` (a portable, versioned backup).
+//!
+//! Export format: JSON lines. The first line is a header
+//! `{"format": "ordo-ledger-export", "version": 1, "records": N}`; then one
+//! line per record `{"tree": NAME, "key": BASE64, "value": BASE64}`, tree by
+//! tree. Values are the ledger's own versioned record encodings, so a newer
+//! ordo can import an older export.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::{BufRead, Write};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::keys::{self, KeyReader};
+use super::records::decode;
+use super::{
+    AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
+    Ledger, LedgerError, ParkedKey, Result, TopicConfig,
+};
+
+/// Export format name and version.
+pub const EXPORT_FORMAT: &str = "ordo-ledger-export";
+/// Export format version written (and the newest read).
+pub const EXPORT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    records: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    tree: String,
+    key: String,
+    value: String,
+}
+
+/// What `check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Records per tree.
+    pub records: Vec<(&'static str, u64)>,
+    /// Problems, each naming the tree and key.
+    pub problems: Vec<String>,
+}
+
+fn show_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(key)
+        .chars()
+        .map(|c| if c.is_control() { '·' } else { c })
+        .collect()
+}
+
+impl Ledger {
+    /// Total records in every tree.
+    pub fn record_count(&self) -> u64 {
+        self.named_trees().iter().map(|(_, t)| t.len() as u64).sum()
+    }
+
+    /// Writes every record to `out` (see the module docs); `progress` gets
+    /// the number of records written so far. Returns the count.
+    pub fn export(&self, out: &mut dyn Write, progress: &dyn Fn(u64)) -> Result<u64> {
+        let header = Header {
+            format: EXPORT_FORMAT.into(),
+            version: EXPORT_VERSION,
+            records: self.record_count(),
+        };
+        let json = |v: &dyn erased_line::Line| v.line();
+        writeln!(out, "{}", json(&header)?)?;
+        let mut n = 0u64;
+        for (name, tree) in self.named_trees() {
+            for entry in tree.iter() {
+                let (k, v) = entry?;
+                let line = Line {
+                    tree: name.to_string(),
+                    key: B64.encode(&k),
+                    value: B64.encode(&v),
+                };
+                writeln!(out, "{}", json(&line)?)?;
+                n += 1;
+                if n % 1000 == 0 {
+                    progress(n);
+                }
+            }
+        }
+        out.flush()?;
+        progress(n);
+        Ok(n)
+    }
+
+    /// Loads an export into this ledger, which must be empty. Flushes at
+    /// the end. Returns the number of records imported.
+    pub fn import(&self, input: &mut dyn BufRead, progress: &dyn Fn(u64, u64)) -> Result<u64> {
+        if self.record_count() > 0 {
+            return Err(LedgerError::Corrupt(
+                "import needs an empty data directory".into(),
+            ));
+        }
+        let mut first = String::new();
+        input.read_line(&mut first)?;
+        let header: Header = serde_json::from_str(first.trim())
+            .map_err(|e| LedgerError::Corrupt(format!("line 1: not an ordo export header: {e}")))?;
+        if header.format != EXPORT_FORMAT || header.version > EXPORT_VERSION {
+            return Err(LedgerError::Corrupt(format!(
+                "line 1: {} version {} is not an export this ordo reads ({EXPORT_FORMAT} up to version {EXPORT_VERSION})",
+                header.format, header.version
+            )));
+        }
+        let trees: HashMap<&str, &sled::Tree> = self.named_trees().into_iter().collect();
+        let mut n = 0u64;
+        let mut max_seq = 0u64;
+        for (i, line) in input.lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = i + 2;
+            let rec: Line = serde_json::from_str(&line)
+                .map_err(|e| LedgerError::Corrupt(format!("line {at}: {e}")))?;
+            let tree = trees.get(rec.tree.as_str()).ok_or_else(|| {
+                LedgerError::Corrupt(format!("line {at}: unknown tree {:?}", rec.tree))
+            })?;
+            let key = B64
+                .decode(&rec.key)
+                .map_err(|e| LedgerError::Corrupt(format!("line {at}: key: {e}")))?;
+            let value = B64
+                .decode(&rec.value)
+                .map_err(|e| LedgerError::Corrupt(format!("line {at}: value: {e}")))?;
+            // Sequences (dead letters, audit) must stay unique after import.
+            let seq = match rec.tree.as_str() {
+                "dlq" => {
+                    let mut r = KeyReader::new(&key);
+                    r.str().and(r.u64())
+                }
+                "audit" => KeyReader::new(&key).u64(),
+                _ => None,
+            };
+            max_seq = max_seq.max(seq.unwrap_or(0));
+            tree.insert(key, value)?;
+            n += 1;
+            if n % 1000 == 0 {
+                progress(n, header.records);
+            }
+        }
+        self.raise_id_floor(max_seq)?;
+        self.flush()?;
+        progress(n, header.records);
+        if n != header.records {
+            return Err(LedgerError::Corrupt(format!(
+                "the export announces {} records but holds {n} (truncated?)",
+                header.records
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Verifies that every record decodes and that cross-references hold.
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut report = CheckReport::default();
+        for (name, tree) in self.named_trees() {
+            report.records.push((name, tree.len() as u64));
+        }
+        let p = &mut report.problems;
+        let t = self.trees();
+
+        // Decode everything.
+        fn each<T: serde::de::DeserializeOwned>(
+            tree: &sled::Tree,
+            name: &str,
+            what: &str,
+            problems: &mut Vec<String>,
+        ) -> Result<Vec<(Vec<u8>, T)>> {
+            let mut out = Vec::new();
+            for entry in tree.iter() {
+                let (k, v) = entry?;
+                match decode::<T>(&v, what) {
+                    Ok(r) => out.push((k.to_vec(), r)),
+                    Err(e) => problems.push(format!("{name} [{}]: {e}", show_key(&k))),
+                }
+            }
+            Ok(out)
+        }
+        let _log: Vec<(Vec<u8>, Envelope)> = each(&t.log, "log", "log entry", p)?;
+        let _dedup: Vec<(Vec<u8>, DedupRecord)> = each(&t.dedup, "dedup", "dedup record", p)?;
+        let dlq: Vec<(Vec<u8>, DeadLetter)> = each(&t.dlq, "dlq", "dead letter", p)?;
+        let parked: Vec<(Vec<u8>, ParkedKey)> = each(&t.parked, "parked", "parked key", p)?;
+        let actions: Vec<(Vec<u8>, DlqAction)> =
+            each(&t.dlq_actions, "dlq_actions", "dlq action", p)?;
+        let _audit: Vec<(Vec<u8>, AuditRecord)> = each(&t.audit, "audit", "audit record", p)?;
+        let versions: Vec<(Vec<u8>, HandlerVersion)> =
+            each(&t.handlers, "handlers", "handler version", p)?;
+        for entry in t.cursor.iter() {
+            let (k, v) = entry?;
+            if v.len() != 8 {
+                p.push(format!("cursor [{}]: not an 8-byte offset", show_key(&k)));
+            }
+        }
+        for entry in t.meta.iter() {
+            let (k, v) = entry?;
+            if k.starts_with(keys::TOPIC_META_PREFIX) {
+                if let Err(e) = decode::<TopicConfig>(&v, "topic config") {
+                    p.push(format!("meta [{}]: {e}", show_key(&k)));
+                }
+            } else if k.starts_with(b"control/") {
+                if let Err(e) = decode::<HandlerControl>(&v, "handler control") {
+                    p.push(format!("meta [{}]: {e}", show_key(&k)));
+                }
+            }
+        }
+
+        // Cross-references.
+        let mut handler_versions: HashMap<String, BTreeSet<u64>> = HashMap::new();
+        for (_, v) in &versions {
+            handler_versions
+                .entry(v.name.clone())
+                .or_default()
+                .insert(v.version);
+            if t.artifacts.get(v.content_hash.as_bytes())?.is_none() {
+                p.push(format!(
+                    "handlers [{} v{}]: component {} missing from artifacts",
+                    v.name, v.version, v.content_hash
+                ));
+            }
+        }
+        let mut dlq_seqs: HashSet<(String, u64)> = HashSet::new();
+        for (k, d) in &dlq {
+            let mut r = KeyReader::new(k);
+            match (r.str(), r.u64()) {
+                (Some(h), Some(seq)) => {
+                    dlq_seqs.insert((h.to_string(), seq));
+                    if h != d.handler {
+                        p.push(format!(
+                            "dlq [{h} #{seq}]: record names handler {:?}",
+                            d.handler
+                        ));
+                    }
+                }
+                _ => p.push(format!("dlq [{}]: key does not decode", show_key(k))),
+            }
+        }
+        for (k, pk) in &parked {
+            let mut r = KeyReader::new(k);
+            let handler = r.str().unwrap_or_default().to_string();
+            if !pk.paused && !dlq_seqs.contains(&(handler.clone(), pk.cause_seq)) {
+                p.push(format!(
+                    "parked [{handler} {:?}]: its dead letter #{} is gone (the key can only be resumed by an operator)",
+                    pk.partition_key, pk.cause_seq
+                ));
+            }
+        }
+        for (k, a) in &actions {
+            let mut r = KeyReader::new(k);
+            let (h, _, seq) = (r.str(), r.u32(), r.u64());
+            let (Some(h), Some(seq)) = (h, seq) else {
+                p.push(format!(
+                    "dlq_actions [{}]: key does not decode",
+                    show_key(k)
+                ));
+                continue;
+            };
+            let needs_entry = matches!(
+                a,
+                DlqAction::Replay | DlqAction::ReplayKey | DlqAction::Drop
+            );
+            if needs_entry && !dlq_seqs.contains(&(h.to_string(), seq)) {
+                p.push(format!(
+                    "dlq_actions [{h} #{seq}]: no such dead letter (harmless: the lane skips it)"
+                ));
+            }
+        }
+        for entry in t.meta.scan_prefix(b"control/") {
+            let (k, v) = entry?;
+            let Ok(c) = decode::<HandlerControl>(&v, "handler control") else {
+                continue;
+            };
+            let name = KeyReader::new(&k[b"control/".len()..])
+                .str()
+                .unwrap_or_default()
+                .to_string();
+            let known = handler_versions.get(&name);
+            for (what, v) in [
+                ("active version", Some(c.active_version)),
+                ("canary", c.canary.map(|c| c.0)),
+            ] {
+                if let Some(v) = v {
+                    if !known.is_some_and(|s| s.contains(&v)) {
+                        p.push(format!(
+                            "meta [control/{name}]: {what} {v} has no version record"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// JSON encoding of export lines (one line, no pretty printing).
+mod erased_line {
+    use super::LedgerError;
+
+    pub trait Line {
+        fn line(&self) -> Result<String, LedgerError>;
+    }
+
+    impl<T: serde::Serialize> Line for T {
+        fn line(&self) -> Result<String, LedgerError> {
+            serde_json::to_string(self).map_err(|e| LedgerError::Encode(e.to_string()))
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! `ordo.toml`: applied by `ordo serve --config`, round trip through
+//! `ordo config-check`, bad files refused with the place.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::fixtures::handler_path;
+use crate::server::{state, wait_drained, Server};
+
+fn write_config(dir: &Path, max_attempts: u32) -> std::path::PathBuf {
+    let path = dir.join("ordo.toml");
+    let text = format!(
+        r#"# test configuration
+[server]
+partitions = 4
+
+[defaults.retry]
+initial_backoff_ms = 10
+
+[topics.orders]
+partitions = 8
+retention_secs = 3600
+
+[handlers.counter]
+component = "{}"
+topic = "orders"
+comment = "from ordo.toml"
+retry = {{ max_attempts = {max_attempts}, on_failure = "dead-letter" }}
+limits = {{ deadline_ms = 500 }}
+"#,
+        handler_path("counter").display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn config_check(path: &Path) -> std::process::Output {
+    Command::new(Server::binary())
+        .arg("config-check")
+        .arg(path)
+        .output()
+        .expect("run ordo config-check")
+}
+
+#[test]
+fn config_round_trips_through_config_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), 3);
+    let first = config_check(&path);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let normalized = dir.path().join("normalized.toml");
+    std::fs::write(&normalized, &first.stdout).expect("write");
+    let second = config_check(&normalized);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(first.stdout, second.stdout);
+    let text = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        text.contains("max_attempts = 3") && text.contains("deadline_ms = 500"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_config_files_name_the_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counter = handler_path("counter").display().to_string();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown key", "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n".into(), "line 3"),
+        ("wrong type", "[server]\npartitions = \"many\"\n".into(), "line 2"),
+        ("bad enum", format!("[handlers.h]\ncomponent = \"{counter}\"\ntopic = \"t\"\nretry = {{ on_failure = \"skip\" }}\n"), "line 4"),
+        ("out of range", "[topics.orders]\nretention_secs = 5\npartitions = 0\n".into(), ":3: topics.orders.partitions"),
+        ("bad policy", "[defaults.retry]\nmax_attempts = 0\n".into(), ":1: defaults.retry: max_attempts"),
+        ("missing component", "\n[handlers.h]\ncomponent = \"missing.wasm\"\ntopic = \"t\"\n".into(), ":3: handlers.h.component: no such file"),
+        ("bad handler name", format!("[handlers.\"a b\"]\ncomponent = \"{counter}\"\ntopic = \"t\"\n"), ":1: handlers.a b"),
+        ("unknown section", "[sources.nats]\nurl = \"x\"\n".into(), "unknown field `sources`"),
+    ];
+    for (what, text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).expect("write");
+        for args in [vec!["config-check"], vec!["serve", "--config"]] {
+            let out = Command::new(Server::binary())
+                .args(&args)
+                .arg(&path)
+                .args(["--data-dir"].iter().filter(|_| args[0] == "serve"))
+                .args(
+                    [dir.path().join("data")]
+                        .iter()
+                        .filter(|_| args[0] == "serve"),
+                )
+                .output()
+                .expect("run ordo");
+            assert!(!out.status.success(), "{what}: accepted");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("bad.toml"), "{what}: {stderr}");
+            assert!(
+                stderr.contains(needle),
+                "{what}: expected {needle:?} in {stderr}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_applies_the_config_and_redeploys_only_on_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), 3);
+    let path_arg = path.to_str().expect("path").to_string();
+    let mut server = Server::start_with(&["--config", &path_arg]).await;
+    let client = server.client();
+    let status = client.get_json("/v1/status").await.expect("status");
+    let h = &status["handlers"][0];
+    assert_eq!(h["name"], "counter");
+    assert_eq!(h["version"], 1);
+    assert_eq!(h["max_attempts"], 3);
+    assert_eq!(h["on_failure"], "dead-letter");
+    let orders = status["topics"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "orders"))
+        .cloned()
+        .expect("topic orders");
+    assert_eq!(orders["partitions"], 8);
+    assert_eq!(orders["retention_ms"], 3_600_000);
+    client
+        .produce("orders", &json!({"key": "k", "payload": "{\"seq\":1}"}))
+        .await
+        .expect("produce");
+    wait_drained(&client, "counter", 1).await;
+    assert_eq!(
+        state(&client, "counter", "k", "seqs").await.as_deref(),
+        Some("1")
+    );
+    // A topic created on first use gets the file's default partitions.
+    client
+        .produce("other", &json!({"key": "k", "payload": "x"}))
+        .await
+        .expect("produce");
+    let status = client.get_json("/v1/status").await.expect("status");
+    let other = status["topics"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "other"))
+        .cloned()
+        .expect("topic other");
+    assert_eq!(other["partitions"], 4);
+
+    // Same file: nothing redeployed.
+    server.restart().await;
+    let versions = server
+        .client()
+        .get_json("/v1/handlers/counter/versions")
+        .await
+        .expect("versions");
+    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
+
+    // Changed policy: a new version, with the file's comment.
+    write_config(dir.path(), 4);
+    server.restart().await;
+    let client = server.client();
+    let versions = client
+        .get_json("/v1/handlers/counter/versions")
+        .await
+        .expect("versions");
+    assert_eq!(versions["active"], 2, "{versions}");
+    assert_eq!(
+        versions["versions"][1]["policy"]["retry"]["max_attempts"],
+        4
+    );
+    assert_eq!(versions["versions"][1]["comment"], "from ordo.toml");
+    assert_eq!(versions["versions"][1]["limits"]["deadline_ms"], 500);
+}
