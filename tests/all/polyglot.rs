@@ -17,7 +17,7 @@ use ordo::cli::client::Client;
 use serde_json::{json, Value};
 
 use crate::fixtures::{component_from_core, handler_bytes, HANDLE_SIG};
-use crate::server::{metric_sum, state, wait_drained, wait_for, Server};
+use crate::server::{state, wait_drained, wait_for, Server};
 
 /// Retry policy of the counter under test: quick retries, and a dead letter
 /// does not park the key (the scenarios carry on with later messages).
@@ -91,6 +91,25 @@ fn artifacts(data_dir: &Path) -> BTreeMap<String, SystemTime> {
         .collect()
 }
 
+/// The value of the sample `name{..}` whose labels mention `handler`.
+async fn handler_sample(server: &Server, name: &str, handler: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{}/metrics", server.base_url()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let label = format!("\"{handler}\"");
+    text.lines().find_map(|line| {
+        let (sample, value) = line.rsplit_once(' ')?;
+        let labels = sample.strip_prefix(name)?.strip_prefix('{')?;
+        labels
+            .contains(&label)
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
+
 async fn counter_state(client: &Client, key: &str, state_key: &str) -> Option<String> {
     state(client, "counter", key, state_key).await
 }
@@ -113,7 +132,10 @@ async fn conformance(lang: &str, component: &str) {
     // Deploy: the first deploy compiles the component.
     let started = Instant::now();
     let deployed = client
-        .put_bytes(&format!("/v1/handlers/counter?topic=in&{POLICY}"), bytes.clone())
+        .put_bytes(
+            &format!("/v1/handlers/counter?topic=in&{POLICY}"),
+            bytes.clone(),
+        )
         .await
         .unwrap_or_else(|e| panic!("{lang}: deploying {component} failed: {e:#}"));
     let deploy_time = started.elapsed();
@@ -127,7 +149,10 @@ async fn conformance(lang: &str, component: &str) {
     let batch: Vec<Value> = (1..=PER_KEY)
         .flat_map(|seq| ORDER_KEYS.map(|k| msg(k, seq, json!({}))))
         .collect();
-    client.produce("in", &Value::Array(batch)).await.expect("produce");
+    client
+        .produce("in", &Value::Array(batch))
+        .await
+        .expect("produce");
     let mut processed = PER_KEY * ORDER_KEYS.len() as u64;
     wait_drained(&client, "counter", processed).await;
     for key in ORDER_KEYS {
@@ -150,7 +175,10 @@ async fn conformance(lang: &str, component: &str) {
 
     // Duplicates: the same idempotency keys again change nothing.
     let again: Vec<Value> = (1..=5).map(|seq| msg("a", seq, json!({}))).collect();
-    client.produce("in", &Value::Array(again)).await.expect("produce");
+    client
+        .produce("in", &Value::Array(again))
+        .await
+        .expect("produce");
     wait_for(&client, "counter", "5 duplicates", |h| {
         h["duplicates"] == 5 && h["lag"] == 0
     })
@@ -168,7 +196,10 @@ async fn conformance(lang: &str, component: &str) {
         json!({"emit": {"topic": "out", "key": "o"}, "x": {"b": -2, "a": [true, null, "q\"uote", "é"]}, "n": 1.5}),
     );
     emitting["headers"] = json!({"h": "v"});
-    client.produce("in", &json!([emitting])).await.expect("produce");
+    client
+        .produce("in", &json!([emitting]))
+        .await
+        .expect("produce");
     let emitted = dead_letters(&client, "sink", "o", 1).await;
     let payload: Vec<u8> = serde_json::from_value(emitted[0]["payload"].clone()).expect("bytes");
     assert_eq!(
@@ -176,13 +207,27 @@ async fn conformance(lang: &str, component: &str) {
         EMITTED,
         "{lang}: emitted payload"
     );
-    assert_eq!(emitted[0]["headers"], json!([["h", "v"]]), "{lang}: headers");
+    assert_eq!(
+        emitted[0]["headers"],
+        json!([["h", "v"]]),
+        "{lang}: headers"
+    );
     processed += 1;
-    assert_eq!(counter_state(&client, "e", "seqs").await.as_deref(), Some("1"));
+    assert_eq!(
+        counter_state(&client, "e", "seqs").await.as_deref(),
+        Some("1")
+    );
 
     // Retryable: fails twice, succeeds on attempt 3.
     client
-        .produce("in", &json!([msg("r", 1, json!({"fail": "retryable", "fail_attempts": 2}))]))
+        .produce(
+            "in",
+            &json!([msg(
+                "r",
+                1,
+                json!({"fail": "retryable", "fail_attempts": 2})
+            )]),
+        )
         .await
         .expect("produce");
     processed += 1;
@@ -192,7 +237,10 @@ async fn conformance(lang: &str, component: &str) {
         Some("3"),
         "{lang}: retried in place"
     );
-    assert_eq!(counter_state(&client, "r", "count").await.as_deref(), Some("1"));
+    assert_eq!(
+        counter_state(&client, "r", "count").await.as_deref(),
+        Some("1")
+    );
 
     // Retryable for ever: dead-lettered after max_attempts.
     client
@@ -213,7 +261,10 @@ async fn conformance(lang: &str, component: &str) {
     client
         .produce(
             "in",
-            &json!([msg("p", 1, json!({"fail": "permanent"})), msg("p", 2, json!({}))]),
+            &json!([
+                msg("p", 1, json!({"fail": "permanent"})),
+                msg("p", 2, json!({}))
+            ]),
         )
         .await
         .expect("produce");
@@ -228,7 +279,10 @@ async fn conformance(lang: &str, component: &str) {
     );
     processed += 1;
     wait_drained(&client, "counter", processed).await;
-    assert_eq!(counter_state(&client, "p", "seqs").await.as_deref(), Some("2"));
+    assert_eq!(
+        counter_state(&client, "p", "seqs").await.as_deref(),
+        Some("2")
+    );
 
     // Bad input: not JSON, no `seq`, a bad `emit`: permanent errors.
     let bad = json!([
@@ -269,7 +323,10 @@ async fn conformance(lang: &str, component: &str) {
     assert_eq!(dead[0]["error_kind"], "trap", "{lang}: {dead:?}");
     processed += 1;
     wait_drained(&client, "counter", processed).await;
-    assert_eq!(counter_state(&client, "t", "seqs").await.as_deref(), Some("2"));
+    assert_eq!(
+        counter_state(&client, "t", "seqs").await.as_deref(),
+        Some("2")
+    );
 
     // Logging: one debug line per handled message, through the host log.
     let text = std::fs::read_to_string(&log).expect("server log");
@@ -280,8 +337,8 @@ async fn conformance(lang: &str, component: &str) {
     );
 
     let per_message = match (
-        metric_sum(&server, "ordo_handler_seconds_sum", "counter").await,
-        metric_sum(&server, "ordo_handler_seconds_count", "counter").await,
+        handler_sample(&server, "ordo_handler_seconds_sum", "counter").await,
+        handler_sample(&server, "ordo_handler_seconds_count", "counter").await,
     ) {
         (Some(sum), Some(n)) if n > 0.0 => Some(Duration::from_secs_f64(sum / n)),
         _ => None,

@@ -64,6 +64,13 @@ static char *state_text(const char *key, bool *found) {
   return text;
 }
 
+static char *copy(const char *s) {
+  size_t n = strlen(s) + 1;
+  char *c = malloc(n);
+  if (!c) __builtin_trap();
+  return memcpy(c, s, n);
+}
+
 static void state_set(const char *key, const char *text) {
   handler_string_t k = str(key);
   handler_list_u8_t v = {(uint8_t *)text, strlen(text)};
@@ -197,14 +204,18 @@ static bool handle(handler_message_t *msg, handler_handler_error_t *err) {
       PERMANENT("`emit` needs string `topic` and `key`");
       goto done;
     }
-    handler_string_t t = str(topic), k = str(key);
-    json_remove(payload, "emit");  // frees target: topic and key copied above
+    // Copies: removing `emit` frees the strings `topic` and `key` point to.
+    char *topic_copy = copy(topic), *key_copy = copy(key);
+    json_remove(payload, "emit");
     size_t body_len;
     uint8_t *body = json_write(payload, &body_len);
     if (!body) __builtin_trap();
+    handler_string_t t = str(topic_copy), k = str(key_copy);
     handler_list_u8_t b = {body, body_len};
     ordo_handler_outbox_emit(&t, &k, &b, &msg->headers);
     free(body);
+    free(topic_copy);
+    free(key_copy);
   }
 
   char line[512];
