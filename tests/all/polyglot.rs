@@ -378,6 +378,72 @@ async fn conformance(lang: &str, component: &str) {
     );
 }
 
+/// Runs the bank scenarios against one language's bank component: the
+/// account JSON, the transfer through the outbox (a deposit on the same
+/// topic with the transfer-id header) and the permanent errors.
+async fn bank_conformance(lang: &str, component: &str) {
+    let bytes = handler_bytes(component);
+    let server = Server::start().await;
+    let client = server.client();
+    client
+        .put_bytes("/v1/handlers/bank?topic=bank&on_failure=dead-letter", bytes)
+        .await
+        .unwrap_or_else(|e| panic!("{lang}: deploying {component} failed: {e:#}"));
+
+    let command = |key: &str, n: u32, body: Value| json!({"key": key, "idempotency_key": format!("{key}/{n}"), "payload": body.to_string()});
+    let batch = json!([
+        command("alice", 1, json!({"op": "deposit", "amount": 100})),
+        command("alice", 2, json!({"op": "withdraw", "amount": 30})),
+        command(
+            "alice",
+            3,
+            json!({"op": "transfer", "amount": 50, "to": "bob"})
+        ),
+        command("alice", 4, json!({"op": "withdraw", "amount": 1000})),
+        command("alice", 5, json!({"op": "deposit", "amount": -5})),
+        command(
+            "alice",
+            6,
+            json!({"op": "transfer", "amount": 1, "to": "alice"})
+        ),
+        command("alice", 7, json!({"op": "steal", "amount": 1})),
+    ]);
+    client.produce("bank", &batch).await.expect("produce");
+    // alice: 3 commands done, 4 dead-lettered; bob: the transfer's deposit.
+    wait_for(&client, "bank", "bank drained", |h| {
+        h["lag"] == 0 && h["processed"] == 4 && h["dead_lettered"] == 4
+    })
+    .await;
+    assert_eq!(
+        state(&client, "bank", "alice", "account").await.as_deref(),
+        Some(r#"{"balance":20,"deposits":1,"withdrawals":1,"transfers_out":1}"#),
+        "{lang}: alice's account"
+    );
+    assert_eq!(
+        state(&client, "bank", "bob", "account").await.as_deref(),
+        Some(r#"{"balance":50,"deposits":1,"withdrawals":0,"transfers_out":0}"#),
+        "{lang}: bob's account"
+    );
+    let dead = dlq(&client, "bank", "alice").await;
+    let errors: Vec<&str> = dead.iter().filter_map(|d| d["error"].as_str()).collect();
+    assert!(
+        dead.iter().all(|d| d["error_kind"] == "permanent"),
+        "{lang}: {dead:?}"
+    );
+    for (error, expected) in errors.iter().zip([
+        "insufficient funds: balance 20, asked 1000",
+        "amount must be positive, got -5",
+        "transfer needs another account in `to`",
+        "payload is not the expected JSON",
+    ]) {
+        assert!(
+            error.contains(expected),
+            "{lang}: {error:?} lacks {expected:?}"
+        );
+    }
+    assert_eq!(errors.len(), 4, "{lang}: {errors:?}");
+}
+
 macro_rules! languages {
     ($($test:ident: $lang:literal => $component:literal,)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,4 +460,19 @@ languages! {
     js_counter_conforms: "js" => "js-counter",
     zig_counter_conforms: "zig" => "zig-counter",
     go_counter_conforms: "go" => "go-counter",
+}
+
+macro_rules! banks {
+    ($($test:ident: $lang:literal => $component:literal,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            bank_conformance($lang, $component).await;
+        }
+    )*};
+}
+
+banks! {
+    rust_bank_conforms: "rust" => "bank",
+    python_bank_conforms: "python" => "python-bank",
+    js_bank_conforms: "js" => "js-bank",
 }
