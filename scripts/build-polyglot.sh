@@ -130,7 +130,10 @@ need_pip() {  # need_pip <requirement>...
     [ -n "$have" ] && return 0
   fi
   log "installing from PyPI: $want"
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    command -v python3 >/dev/null 2>&1 || apt_install python3
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+  fi
   "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
   for r in "$@"; do grep -qxF "$r" "$venv/.installed" 2>/dev/null || echo "$r" >> "$venv/.installed"; done
 }
