@@ -20,6 +20,16 @@
 //! partitions = 8
 //! retention_secs = 86400
 //!
+//! [topics.payments.jetstream]    # a topic on NATS JetStream: partition p
+//! url = "nats://127.0.0.1:4222"  # is the subject "<subject>.<p>"
+//! stream = "PAYMENTS"            # default: the topic name
+//! subject = "payments"           # default: the topic name
+//! partitions = 16
+//! key_header = "Ordo-Key"        # partition key (default: the subject)
+//! idempotency_header = "Nats-Msg-Id"
+//! create_stream = true
+//! max_in_flight = 512            # messages a lane buffers ahead
+//!
 //! [handlers.billing]
 //! component = "handlers/billing.wasm"   # relative to this file
 //! topic = "orders"
@@ -149,6 +159,8 @@ pub struct TopicSection {
     pub partitions: Option<Spanned<u32>>,
     /// Retention of committed messages (seconds).
     pub retention_secs: Option<Spanned<u64>>,
+    /// The topic lives on NATS JetStream instead of the embedded log.
+    pub jetstream: Option<crate::source::jetstream::JetStreamConfig>,
 }
 
 /// Where a new handler starts.
@@ -259,6 +271,17 @@ impl ConfigFile {
                         format!("must be 1..=4096, got {}", p.get_ref()),
                     ));
                 }
+            }
+            if let Some(js) = &t.get_ref().jetstream {
+                if t.get_ref().partitions.is_some() || t.get_ref().retention_secs.is_some() {
+                    return Err(at(
+                        t.span(),
+                        &what,
+                        "a JetStream topic takes its partitions from its jetstream section and its retention from the stream".into(),
+                    ));
+                }
+                js.validate()
+                    .map_err(|e| at(t.span(), &format!("{what}.jetstream"), e))?;
             }
             if let Some(r) = &t.get_ref().retention_secs {
                 if *r.get_ref() == 0 {

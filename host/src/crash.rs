@@ -8,7 +8,9 @@
 //! flushed or acknowledged), `after-flush-before-ack` (flushed, waiters not
 //! yet woken), `mid-batch` (a lane has run a message of a batch it has not
 //! committed), `mid-replay` (a dead letter replayed, not committed),
-//! `mid-deploy` (component and version record stored, not yet activated).
+//! `mid-deploy` (component and version record stored, not yet activated),
+//! `mid-outbox-relay` (outbox entries published and acknowledged by the
+//! broker, not yet deleted).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -21,6 +23,7 @@ pub const POINTS: &[&str] = &[
     "mid-batch",
     "mid-replay",
     "mid-deploy",
+    "mid-outbox-relay",
 ];
 
 struct Armed {

@@ -17,6 +17,7 @@ use crate::ledger::{
     HandlerControl, HandlerVersion, Ledger, OnFailure, TopicConfig,
 };
 use crate::runtime::{HandlerLimits, LoadError, Runtime, RuntimeConfig};
+use crate::source::jetstream::{JetStreamConfig, JetStreams, RelayStats};
 use crate::source::{partition_for, Topics};
 
 /// Host-wide settings.
@@ -43,6 +44,8 @@ pub struct HostConfig {
     /// Committed idempotency records older than this are removed (a
     /// duplicate arriving later is processed again); `None` keeps them.
     pub dedup_retention: Option<std::time::Duration>,
+    /// Topics on NATS JetStream instead of the embedded log.
+    pub jetstream: Vec<(String, JetStreamConfig)>,
 }
 
 impl Default for HostConfig {
@@ -57,6 +60,7 @@ impl Default for HostConfig {
             compile_timeout: std::time::Duration::from_secs(120),
             dedup: true,
             dedup_retention: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
+            jetstream: Vec::new(),
         }
     }
 }
@@ -202,6 +206,10 @@ pub struct HandlerStatus {
     pub topic: String,
     /// Messages in the topic not yet committed by this handler.
     pub lag: u64,
+    /// The same per partition.
+    pub partition_lags: Vec<u64>,
+    /// Where the topic lives: `log` (embedded) or `jetstream`.
+    pub source: &'static str,
     /// Messages committed since the host started.
     pub processed: u64,
     /// Duplicates skipped since the host started.
@@ -261,6 +269,9 @@ pub struct Host {
     dedup_sweep_from: Mutex<Vec<u8>>,
     handlers: Mutex<HashMap<String, HandlerSlot>>,
     deploy_lock: tokio::sync::Mutex<()>,
+    jetstreams: JetStreams,
+    outbox_wake: Arc<tokio::sync::Notify>,
+    relay: Arc<RelayStats>,
 }
 
 impl Host {
@@ -278,6 +289,15 @@ impl Host {
         for name in ledger.topics()? {
             topics.ensure(&ledger, &name)?;
         }
+        let jetstreams = JetStreams::connect(&config.jetstream).await?;
+        for js in jetstreams.all() {
+            if ledger.topic_config(&js.topic)?.is_some() {
+                anyhow::bail!(
+                    "topic {} is configured on JetStream but exists in the embedded log of this data dir",
+                    js.topic
+                );
+            }
+        }
         let host = Arc::new(Host {
             exec_slots: Arc::new(Semaphore::new(
                 config.runtime.max_concurrent_instances as usize,
@@ -294,8 +314,20 @@ impl Host {
             dedup_sweep_from: Mutex::new(Vec::new()),
             handlers: Mutex::new(HashMap::new()),
             deploy_lock: tokio::sync::Mutex::new(()),
+            jetstreams,
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            relay: Arc::new(RelayStats::default()),
         });
         host.restore().await?;
+        // Entries committed before a restart are relayed too.
+        tokio::spawn(crate::source::jetstream::relay_loop(
+            host.ledger.clone(),
+            host.committer.clone(),
+            host.jetstreams.clone(),
+            host.outbox_wake.clone(),
+            host.relay.clone(),
+            host.stop.subscribe(),
+        ));
         tokio::spawn(host.clone().retention_loop());
         Ok(host)
     }
@@ -308,6 +340,30 @@ impl Host {
     /// The group committer.
     pub fn committer(&self) -> &GroupCommitter {
         &self.committer
+    }
+
+    /// The partitions of `topic`, creating it in the embedded log unless it
+    /// is a JetStream topic.
+    fn ensure_topic(&self, topic: &str) -> anyhow::Result<u32> {
+        match self.jetstreams.get(topic) {
+            Some(js) => Ok(js.config.partitions),
+            None => self.topics.ensure(&self.ledger, topic),
+        }
+    }
+
+    /// The JetStream topics.
+    pub fn jetstreams(&self) -> &JetStreams {
+        &self.jetstreams
+    }
+
+    /// Outbox relay figures: (backlog, published, failed attempts).
+    pub fn outbox_status(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.ledger.outbox_len() as u64,
+            self.relay.published.load(Relaxed),
+            self.relay.failures.load(Relaxed),
+        )
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, HandlerSlot>> {
@@ -344,7 +400,7 @@ impl Host {
                 },
                 None => None,
             };
-            self.topics.ensure(&self.ledger, &latest.topic)?;
+            self.ensure_topic(&latest.topic)?;
             tracing::info!(handler = %name, version = stable.version, canary = ?control.canary, topic = %latest.topic, paused = control.paused, "handler restored");
             self.activate(
                 &name,
@@ -530,7 +586,15 @@ impl Host {
             slot.active.send_replace(active);
             return;
         }
-        let partitions = self.topics.partitions(topic).unwrap_or(1);
+        let jetstream = self.jetstreams.get(topic);
+        let partitions = match &jetstream {
+            Some(js) => js.config.partitions,
+            None => self.topics.partitions(topic).unwrap_or(1),
+        };
+        let source: Arc<str> = match &jetstream {
+            Some(js) => js.source_name().into(),
+            None => crate::dispatch::EMBEDDED_SOURCE.into(),
+        };
         let (active_tx, active_rx) = watch::channel(active);
         let (stop_tx, stop_rx) = watch::channel(*self.stop.borrow());
         let (control_tx, control_rx) = watch::channel(0u64);
@@ -538,6 +602,10 @@ impl Host {
         let ctx = LaneContext {
             handler: name.into(),
             topic: topic.into(),
+            source,
+            jetstream,
+            jetstreams: self.jetstreams.clone(),
+            outbox_wake: self.outbox_wake.clone(),
             ledger: self.ledger.clone(),
             committer: self.committer.clone(),
             topics: self.topics.clone(),
@@ -658,10 +726,7 @@ impl Host {
             })?
             .map_err(|e| AdminError::Internal(e.into()))?;
         let module = module?;
-        let partitions = self
-            .topics
-            .ensure(&self.ledger, topic)
-            .map_err(AdminError::Internal)?;
+        let partitions = self.ensure_topic(topic).map_err(AdminError::Internal)?;
         let record = HandlerVersion {
             name: name.to_string(),
             version: existing.last().map(|v| v.version + 1).unwrap_or(1),
@@ -675,6 +740,12 @@ impl Host {
             limits: record_limits,
         };
         let start_cursors = if existing.is_empty() && from_latest {
+            if let Some(js) = self.jetstreams.get(topic) {
+                return Err(AdminError::BadRequest(format!(
+                    "from=latest is not supported on JetStream topic {} (stream {}); start from the earliest message or purge the stream",
+                    topic, js.stream
+                )));
+            }
             let mut cursors = Vec::new();
             for p in 0..partitions {
                 let w = self
@@ -771,6 +842,11 @@ impl Host {
         retention_ms: Option<u64>,
     ) -> anyhow::Result<()> {
         crate::source::validate_topic_name(name).map_err(|e| anyhow::anyhow!(e))?;
+        if self.jetstreams.get(name).is_some() {
+            anyhow::bail!(
+                "topic {name} is on JetStream: its partitions and retention are the stream's"
+            );
+        }
         let mut config = match self.ledger.topic_config(name)? {
             Some(existing) => {
                 if let Some(p) = partitions.filter(|p| *p != existing.partitions) {
@@ -855,7 +931,7 @@ impl Host {
         handler: Arc<dyn NativeHandler>,
     ) -> anyhow::Result<()> {
         validate_handler_name(name).map_err(|e| anyhow::anyhow!(e))?;
-        self.topics.ensure(&self.ledger, topic)?;
+        self.ensure_topic(topic)?;
         let stable = Runnable {
             version: 0,
             module: Executor::Native(handler),
@@ -1130,6 +1206,32 @@ impl Host {
         topic: &str,
         messages: Vec<IncomingMessage>,
     ) -> anyhow::Result<Vec<u64>> {
+        if let Some(js) = self.jetstreams.get(topic) {
+            // Producing to a JetStream topic through ordo publishes to the
+            // stream; the answer carries the stream sequences.
+            let mut acks = Vec::with_capacity(messages.len());
+            for m in messages {
+                let partition = partition_for(&m.key, js.config.partitions);
+                acks.push(
+                    js.publish_nowait(
+                        partition,
+                        &m.key,
+                        m.idempotency_key.as_deref(),
+                        &m.headers,
+                        m.payload,
+                    )
+                    .await?,
+                );
+            }
+            let mut offsets = Vec::with_capacity(acks.len());
+            for ack in acks {
+                let ack = tokio::time::timeout(std::time::Duration::from_secs(10), ack)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("JetStream did not acknowledge within 10 s"))??;
+                offsets.push(ack.sequence);
+            }
+            return Ok(offsets);
+        }
         let partitions = self.topics.ensure(&self.ledger, topic)?;
         let now = now_ms();
         let items: Vec<(u32, Envelope)> = messages
@@ -1316,6 +1418,21 @@ impl Host {
             "Outbox entries not yet relayed",
             gauge(self.ledger.outbox_len() as u64),
         );
+        let (_, published, failures) = self.outbox_status();
+        let relayed: Counter = Counter::default();
+        relayed.inc_by(published);
+        reg.register(
+            "outbox_relayed",
+            "Outbox entries published and acknowledged by the broker",
+            relayed,
+        );
+        let relay_failures: Counter = Counter::default();
+        relay_failures.inc_by(failures);
+        reg.register(
+            "outbox_relay_failures",
+            "Outbox relay rounds that failed (entries kept and retried)",
+            relay_failures,
+        );
         reg.register(
             "ledger_bytes",
             "Ledger size on disk",
@@ -1347,6 +1464,13 @@ impl Host {
 
     /// Messages of each partition of `topic` not yet committed by `handler`.
     fn lane_lags(&self, handler: &str, topic: &str) -> anyhow::Result<Vec<u64>> {
+        if let Some(js) = self.jetstreams.get(topic) {
+            // What the broker reported pending after the last message each
+            // lane received, plus what the lane holds uncommitted.
+            return Ok((0..js.config.partitions)
+                .map(|p| js.lag(handler, p))
+                .collect());
+        }
         let mut lags = Vec::new();
         for p in 0..self.topics.partitions(topic).unwrap_or(0) {
             let hwm = self.ledger.high_watermark(topic, p)?;
@@ -1368,9 +1492,16 @@ impl Host {
                 slot.current.stable.version,
                 slot.current.stable.policy.clone(),
             );
-            let lag = self.lane_lags(name, &slot.topic)?.iter().sum();
+            let partition_lags = self.lane_lags(name, &slot.topic)?;
+            let lag = partition_lags.iter().sum();
             let dead_letters = self.ledger.dlq_list(name)?;
             out.push(HandlerStatus {
+                source: if self.jetstreams.get(&slot.topic).is_some() {
+                    "jetstream"
+                } else {
+                    "log"
+                },
+                partition_lags,
                 name: name.clone(),
                 version,
                 topic: slot.topic.clone(),

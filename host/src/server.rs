@@ -49,6 +49,16 @@ pub struct ServeArgs {
     /// How often the retention tasks run [default: 60000].
     #[arg(long, value_parser = clap::value_parser!(u64).range(10..))]
     pub retention_interval_ms: Option<u64>,
+    /// Consume this topic from NATS JetStream (stream and subject prefix
+    /// named like the topic, partition p = subject "<topic>.<p>", key in
+    /// header Ordo-Key, idempotency key in Nats-Msg-Id). Repeatable; the
+    /// config file's `[topics.NAME.jetstream]` sets every detail.
+    #[arg(long = "jetstream-topic", value_name = "TOPIC")]
+    pub jetstream_topics: Vec<String>,
+    /// NATS server of `--jetstream-topic` topics [default:
+    /// nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
     /// Retry and failure policy of handlers deployed without one.
     #[command(flatten)]
     pub policy: crate::cli::PolicyArgs,
@@ -118,6 +128,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(l) = &file.defaults.limits {
         config.handler_limits = l.clone();
     }
+    for (name, t) in &file.topics {
+        if let Some(js) = &t.get_ref().jetstream {
+            config.jetstream.push((name.clone(), js.clone()));
+        }
+    }
+    for name in &args.jetstream_topics {
+        crate::source::validate_topic_name(name)
+            .map_err(|e| anyhow::anyhow!("--jetstream-topic {name}: {e}"))?;
+        if let Some((_, existing)) = config.jetstream.iter_mut().find(|(n, _)| n == name) {
+            if let Some(url) = &args.nats_url {
+                existing.url = url.clone();
+            }
+            continue;
+        }
+        let mut js = crate::source::jetstream::JetStreamConfig {
+            partitions: config.topic_defaults.partitions,
+            ..Default::default()
+        };
+        if let Some(url) = &args.nats_url {
+            js.url = url.clone();
+        }
+        config.jetstream.push((name.clone(), js));
+    }
     let ingest = IngestLimits {
         max_payload_bytes: args
             .max_payload_bytes
@@ -162,6 +195,9 @@ async fn apply_config(
 ) -> anyhow::Result<()> {
     for (name, topic) in &file.topics {
         let t = topic.get_ref();
+        if t.jetstream.is_some() {
+            continue;
+        }
         host.configure_topic(
             name,
             t.partitions.as_ref().map(|p| *p.get_ref()),

@@ -83,6 +83,10 @@ fn bad_config_files_name_the_place() {
         ("missing component", "\n[handlers.h]\ncomponent = \"missing.wasm\"\ntopic = \"t\"\n".into(), ":3: handlers.h.component: no such file"),
         ("bad handler name", format!("[handlers.\"a b\"]\ncomponent = \"{counter}\"\ntopic = \"t\"\n"), ":1: handlers.a b"),
         ("unknown section", "[sources.nats]\nurl = \"x\"\n".into(), "unknown field `sources`"),
+        ("jetstream partitions", "[topics.js.jetstream]\npartitions = 0\n".into(), "topics.js.jetstream: partitions: must be 1..=4096"),
+        ("jetstream stream name", "\n[topics.js.jetstream]\nstream = \"a.b\"\n".into(), ":2: topics.js.jetstream: stream"),
+        ("jetstream unknown key", "[topics.js.jetstream]\nurll = \"x\"\n".into(), "unknown field `urll`"),
+        ("jetstream and partitions", "[topics.js]\npartitions = 4\n[topics.js.jetstream]\n".into(), "topics.js: a JetStream topic takes its partitions"),
     ];
     for (what, text, needle) in cases {
         let path = dir.path().join("bad.toml");

@@ -325,12 +325,26 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
         msg("trap", 1, json!({"fail": "trap"})),
         msg("spin", 1, json!({"fail": "spin"})),
         msg("bomb", 1, json!({"fail": "bomb"})),
+        msg("emits", 1, json!({"fail": "emit-flood"})),
+        msg("value", 1, json!({"fail": "state-flood"})),
+        msg("writes", 1, json!({"fail": "write-flood"})),
+        msg("logs", 1, json!({"fail": "log-flood"})),
         msg("trap", 2, json!({})),
         msg("fine", 1, json!({})),
     ]);
     client.produce("hostile", &batch).await.expect("produce");
-    let status = wait_drained(&client, "counter", 2).await;
-    assert_eq!(status["dead_lettered"], 3, "{status}");
+    let status = wait_drained(&client, "counter", 3).await;
+    assert_eq!(status["dead_lettered"], 6, "{status}");
+    // A log flood is cut at the handler's line quota; the message succeeds.
+    assert_eq!(
+        state(&client, "counter", "logs", "seqs").await.as_deref(),
+        Some("1")
+    );
+    // Floods leave no partial state behind.
+    for key in ["emits", "value", "writes"] {
+        assert_eq!(state(&client, "counter", key, "seqs").await, None, "{key}");
+        assert_eq!(state(&client, "counter", key, "flood").await, None, "{key}");
+    }
     assert_eq!(status["parked_keys"], 0, "{status}");
     assert_eq!(status["on_failure"], "dead-letter");
     // dead-letter policy: the trapping key carries on.
@@ -368,13 +382,20 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
         Some("memory-limit"),
         "{kinds:?}"
     );
+    for key in ["emits", "value", "writes"] {
+        assert_eq!(
+            kinds.get(key).map(String::as_str),
+            Some("quota-exceeded"),
+            "{key}: {kinds:?}"
+        );
+    }
 
     // The host is still up and takes work.
     client
         .produce("hostile", &json!([msg("fine", 2, json!({}))]))
         .await
         .expect("produce");
-    wait_drained(&client, "counter", 3).await;
+    wait_drained(&client, "counter", 4).await;
     assert_eq!(
         state(&client, "counter", "fine", "seqs").await.as_deref(),
         Some("1,2")
@@ -383,18 +404,18 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
     let h = r#"{handler="counter"}"#;
     assert_eq!(
         metric(&server, &format!("ordo_dlq_size{h}")).await,
-        Some(3.0)
+        Some(6.0)
     );
     assert_eq!(
         metric(&server, &format!("ordo_dead_lettered_total{h}")).await,
-        Some(3.0)
+        Some(6.0)
     );
     assert_eq!(
         metric(&server, &format!("ordo_messages_processed_total{h}")).await,
-        Some(3.0)
+        Some(4.0)
     );
     let calls = metric(&server, &format!("ordo_handler_seconds_count{h}")).await;
-    assert_eq!(calls, Some(6.0), "3 failed + 3 committed invocations");
+    assert_eq!(calls, Some(10.0), "6 failed + 4 committed invocations");
     assert_eq!(metric(&server, "ordo_healthy").await, Some(1.0));
     assert!(
         metric(&server, "ordo_flush_seconds_count")
@@ -422,7 +443,7 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
             "hostile test input",
         ],
     );
-    assert!(out.contains("dropped 3"), "{out}");
+    assert!(out.contains("dropped 6"), "{out}");
     assert!(dlq(&client, "counter", None).await.is_empty());
     let audit = cli(&server, &["audit"]);
     assert!(

@@ -391,3 +391,116 @@ async fn dedup_window_keeps_young_records_and_sweeps_old_ones() {
         Some("1,1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_bad_producer_input_and_a_slow_client_leave_the_host_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Server::start().await;
+    let client = server.client();
+    client
+        .put_bytes("/v1/handlers/counter?topic=cat", handler_bytes("counter"))
+        .await
+        .expect("deploy");
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/topics/cat/messages", server.base_url());
+    let deep = format!(
+        r#"{{"key":"k","payload":"p","headers":{}{}}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let huge_batch = Value::Array(
+        (0..10_001)
+            .map(|i| json!({"key": format!("k{i}"), "payload": "p"}))
+            .collect(),
+    );
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("deeply nested JSON", deep.into_bytes(), 400),
+        (
+            "unknown field (a misspelt idempotency key must not be ignored)",
+            br#"{"key":"k","idempotencyKey":"x","payload":"p"}"#.to_vec(),
+            400,
+        ),
+        (
+            "header value not a string",
+            br#"{"key":"k","payload":"p","headers":{"h":1}}"#.to_vec(),
+            400,
+        ),
+        (
+            "batch over the message cap",
+            huge_batch.to_string().into_bytes(),
+            413,
+        ),
+        ("empty body", Vec::new(), 400),
+        ("empty batch", b"[]".to_vec(), 400),
+    ];
+    for (what, body, status) in cases {
+        let resp = http.post(&url).body(body).send().await.expect("request");
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        let err: Value = resp.json().await.expect("json error");
+        assert!(
+            err["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: {err}"
+        );
+    }
+
+    // Same idempotency key, different payload: skipped and counted as a
+    // conflict, never applied.
+    client
+        .produce(
+            "cat",
+            &json!([{"key": "c", "idempotency_key": "c/1", "payload": "{\"seq\":1}"},
+                    {"key": "c", "idempotency_key": "c/1", "payload": "{\"seq\":99}"}]),
+        )
+        .await
+        .expect("produce");
+    let h = wait_drained(&client, "counter", 1).await;
+    assert_eq!(h["conflicts"], 1, "{h}");
+    assert_eq!(
+        state(&client, "counter", "c", "seqs").await.as_deref(),
+        Some("1")
+    );
+
+    // A slow client trickling its body does not hold up anyone else.
+    let body = br#"{"key":"slow","payload":"{\"seq\":1}"}"#;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", server.port()))
+        .await
+        .expect("connect");
+    slow.write_all(
+        format!(
+            "POST /v1/topics/cat/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("headers");
+    slow.write_all(&body[..5]).await.expect("first bytes");
+    for i in 0..5 {
+        client
+            .produce(
+                "cat",
+                &json!({"key": "fast", "payload": format!("{{\"seq\":{}}}", i + 1)}),
+            )
+            .await
+            .expect("a fast producer is served while a slow one stalls");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(&body[5..]).await.expect("rest");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    wait_drained(&client, "counter", 7).await;
+    assert_eq!(
+        state(&client, "counter", "fast", "seqs").await.as_deref(),
+        Some("1,2,3,4,5")
+    );
+    assert_eq!(
+        state(&client, "counter", "slow", "seqs").await.as_deref(),
+        Some("1")
+    );
+}

@@ -326,6 +326,32 @@ fn memory_growth_past_limit_is_stopped() {
 }
 
 #[test]
+fn table_growth_past_limit_is_stopped() {
+    let runtime = runtime();
+    let limits = HandlerLimits {
+        table_elements: 10_000,
+        ..HandlerLimits::default()
+    };
+    // Grows its table 1,000 elements at a time until refused, then traps.
+    let module = load_core(
+        &runtime,
+        &format!(
+            "(table $t 1 funcref)
+             (func {HANDLE_SIG}
+               (loop $l (br_if $l (i32.ne (table.grow $t (ref.null func) (i32.const 1000)) (i32.const -1))))
+               unreachable)"
+        ),
+        limits,
+    );
+    let failure = invoke_once(&module)
+        .outcome
+        .expect_err("table bomb stopped");
+    assert_eq!(failure.kind, FailureKind::MemoryLimit, "{failure}");
+    assert!(failure.message.contains("table growth"), "{failure}");
+    assert_counter_works(&runtime);
+}
+
+#[test]
 fn deep_recursion_is_stopped() {
     let runtime = runtime();
     let module = load_core(

@@ -8,7 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::ingest::{parse_batch, IngestLimits};
 use crate::host::{AdminError, DeployOptions, DlqSelector, Host, PolicyOverrides};
@@ -525,10 +525,27 @@ async fn status(State(api): State<ApiState>) -> Response {
         Ok(t) => t,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"), None),
     };
+    let (backlog, relayed, relay_failures) = api.host.outbox_status();
+    let jetstream: Vec<Value> = api
+        .host
+        .jetstreams()
+        .all()
+        .map(|js| {
+            json!({
+                "topic": js.topic,
+                "stream": js.stream,
+                "subject": js.subject,
+                "partitions": js.config.partitions,
+                "url": js.config.url,
+            })
+        })
+        .collect();
     match api.host.status() {
         Ok(handlers) => Json(json!({
             "handlers": handlers,
             "topics": topics,
+            "jetstream": jetstream,
+            "outbox": {"backlog": backlog, "relayed": relayed, "relay_failures": relay_failures},
             "healthy": api.host.healthy(),
         }))
         .into_response(),

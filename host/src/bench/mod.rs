@@ -2,6 +2,8 @@
 //! BENCHMARKS.md. Figures are measured, never asserted in tests.
 
 mod compare;
+mod dedup;
+mod jetstream;
 mod pipeline;
 mod report;
 mod sandbox;
@@ -26,6 +28,10 @@ enum BenchCommand {
     /// Side by side: effectively-once, at-least-once, native handler, the
     /// PostgreSQL processed_messages pattern, and the disk's fsync rate.
     Compare(compare::CompareArgs),
+    /// Dedup lookup p50/p99 at 10^4 … 10^7 recorded keys; bytes per key.
+    Dedup(dedup::DedupArgs),
+    /// JetStream source throughput beside a plain async-nats consumer.
+    Jetstream(jetstream::JetStreamArgs),
 }
 
 /// Runs a bench command.
@@ -34,5 +40,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Sandbox(a) => tokio::task::spawn_blocking(move || sandbox::run(a)).await?,
         BenchCommand::Pipeline(a) => pipeline::run(a).await,
         BenchCommand::Compare(a) => compare::run(a).await,
+        BenchCommand::Jetstream(a) => jetstream::run(a).await,
+        BenchCommand::Dedup(a) => tokio::task::spawn_blocking(move || dedup::run(a)).await?,
     }
 }

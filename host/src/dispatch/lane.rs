@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 
 use super::stats::{BatchCounts, HandlerStats};
+use crate::ledger::OutboxEntry;
 use crate::ledger::{
     now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
     GroupCommitter, Ledger, OnFailure, ParkedKey,
@@ -32,6 +33,7 @@ use crate::ledger::{
 use crate::runtime::{
     Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, StateAccess,
 };
+use crate::source::jetstream::{outbox_msg_id, JetStreams, JsTopic, PartitionReader};
 use crate::source::topics::Topics;
 
 /// A handler implemented in Rust inside the host, without the sandbox (used
@@ -121,6 +123,15 @@ pub struct LaneContext {
     pub handler: Arc<str>,
     /// Topic it consumes.
     pub topic: Arc<str>,
+    /// The source name in its cursors ([`EMBEDDED_SOURCE`] or
+    /// `nats:<stream>`).
+    pub source: Arc<str>,
+    /// The topic's JetStream mapping when it is not an embedded-log topic.
+    pub jetstream: Option<Arc<JsTopic>>,
+    /// Every JetStream topic (emits to them go to the outbox).
+    pub jetstreams: JetStreams,
+    /// Woken after a batch with outbox entries is durable.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
     /// The ledger.
     pub ledger: Ledger,
     /// Group commit.
@@ -190,8 +201,54 @@ impl RetryState {
 enum Work {
     /// Pending operator actions, oldest dead letter first.
     Actions(Vec<(u64, DlqAction)>),
-    /// Messages from this offset on.
-    Log(u64),
+    /// Messages from this position on; with the messages when the source
+    /// buffers them in memory, else read from the embedded log.
+    Log(u64, Option<Vec<(u64, Envelope)>>),
+}
+
+/// Where a lane reads its partition from.
+enum LaneSource {
+    /// The embedded log; the receiver carries the partition's durable high
+    /// watermark.
+    Log(watch::Receiver<u64>),
+    /// A JetStream partition subject.
+    JetStream(Box<PartitionReader>),
+}
+
+impl LaneSource {
+    /// Whether messages at or after `cursor` can be read now.
+    fn ready(&mut self, cursor: u64) -> bool {
+        match self {
+            LaneSource::Log(w) => *w.borrow() > cursor,
+            LaneSource::JetStream(r) => r.ready(),
+        }
+    }
+
+    /// The next batch's messages when the source holds them in memory.
+    fn batch(&mut self, cursor: u64, max: usize) -> Option<Vec<(u64, Envelope)>> {
+        match self {
+            LaneSource::Log(_) => None,
+            LaneSource::JetStream(r) => Some(r.batch(cursor, max)),
+        }
+    }
+
+    /// Waits for more messages; `Err` when the source is gone.
+    async fn changed(&mut self) -> Result<(), ()> {
+        match self {
+            LaneSource::Log(w) => w.changed().await.map_err(|_| ()),
+            LaneSource::JetStream(r) => {
+                r.wait().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Everything before `next` is committed.
+    fn committed(&mut self, next: u64) {
+        if let LaneSource::JetStream(r) = self {
+            r.committed(next);
+        }
+    }
 }
 
 /// Runs the lane for `partition` until stopped.
@@ -200,10 +257,9 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
     let mut stop = ctx.stop.clone();
     let mut active_rx = ctx.active.clone();
     let mut control = ctx.control.clone();
-    let mut watermark = ctx.topics.watch(&ctx.topic, partition);
     let loaded = ctx
         .ledger
-        .cursor(&handler, EMBEDDED_SOURCE, partition)
+        .cursor(&handler, &ctx.source, partition)
         .and_then(|c| Ok((c, ctx.ledger.parked_keys(&handler, partition)?)));
     let (mut cursor, parked) = match loaded {
         Ok(v) => v,
@@ -213,6 +269,15 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         }
     };
     let mut parked: HashSet<String> = parked.into_iter().map(|p| p.partition_key).collect();
+    let mut source = match &ctx.jetstream {
+        Some(js) => LaneSource::JetStream(Box::new(PartitionReader::new(
+            js.clone(),
+            &handler,
+            partition,
+            cursor,
+        ))),
+        None => LaneSource::Log(ctx.topics.watch(&ctx.topic, partition)),
+    };
     let cache = StateCache::shared(4096);
     let mut retry: Option<RetryState> = None;
     // Actions may have been requested before a restart.
@@ -248,10 +313,10 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         }
         let work = match work {
             Some(w) => w,
-            None if *watermark.borrow() > cursor => Work::Log(cursor),
+            None if source.ready(cursor) => Work::Log(cursor, source.batch(cursor, ctx.max_batch)),
             None => {
                 tokio::select! {
-                    r = watermark.changed() => if r.is_err() { break },
+                    r = source.changed() => if r.is_err() { break },
                     _ = stop.changed() => {}
                     _ = active_rx.changed() => {}
                     _ = control.changed() => actions_pending = true,
@@ -278,7 +343,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
                 retry: job_retry.as_ref(),
             };
             match work {
-                Work::Log(from) => lane.process_log(from),
+                Work::Log(from, entries) => lane.process_log(from, entries),
                 Work::Actions(actions) => lane.process_actions(&actions),
             }
         })
@@ -308,6 +373,10 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         backoff = Duration::from_millis(50);
         if let Some(next) = outcome.next_cursor {
             cursor = next;
+            source.committed(next);
+        }
+        if outcome.outboxed {
+            ctx.outbox_wake.notify_one();
         }
         for key in outcome.unparked {
             parked.remove(&key);
@@ -349,6 +418,8 @@ struct BatchOutcome {
     counts: BatchCounts,
     /// Embedded-log partitions that received emitted messages.
     appended: Vec<(String, u32)>,
+    /// Whether the batch wrote outbox entries.
+    outboxed: bool,
     parked: Vec<String>,
     unparked: Vec<String>,
     /// Set when the batch stopped at a retryable failure.
@@ -507,6 +578,22 @@ impl<'a> Builder<'a> {
                 }
                 let now = now_ms();
                 for (i, emit) in invocation.overlay.emits.into_iter().enumerate() {
+                    if ctx.jetstreams.get(&emit.topic).is_some() {
+                        let id = ctx.ledger.next_id()?;
+                        self.batch.outbox.push((
+                            id,
+                            OutboxEntry {
+                                topic: emit.topic,
+                                key: emit.partition_key,
+                                msg_id: outbox_msg_id(&ctx.handler, &msg.idempotency_key, i),
+                                payload: emit.payload,
+                                headers: emit.headers,
+                                created_ms: now,
+                            },
+                        ));
+                        self.outcome.outboxed = true;
+                        continue;
+                    }
                     let partitions = ctx.topics.ensure(&ctx.ledger, &emit.topic)?;
                     let target = crate::source::partition_for(&emit.partition_key, partitions);
                     self.batch.log_appends.push((
@@ -613,12 +700,9 @@ impl<'a> Builder<'a> {
             }
         }
         if let Some(next) = next_cursor {
-            self.batch.cursors.push((
-                handler,
-                EMBEDDED_SOURCE.to_string(),
-                self.lane.partition,
-                next,
-            ));
+            self.batch
+                .cursors
+                .push((handler, ctx.source.to_string(), self.lane.partition, next));
         }
         let b = &self.batch;
         let empty = b.state.is_empty()
@@ -626,6 +710,7 @@ impl<'a> Builder<'a> {
             && b.cursors.is_empty()
             && b.dlq.is_empty()
             && b.log_appends.is_empty()
+            && b.outbox.is_empty()
             && b.parked.is_empty()
             && b.dlq_actions_done.is_empty()
             && b.dlq_actions_new.is_empty();
@@ -646,12 +731,19 @@ impl<'a> Builder<'a> {
 impl LaneView<'_> {
     /// Processes up to `max_batch` messages from `from` and commits them as
     /// one transaction.
-    fn process_log(&self, from: u64) -> anyhow::Result<BatchOutcome> {
+    fn process_log(
+        &self,
+        from: u64,
+        entries: Option<Vec<(u64, Envelope)>>,
+    ) -> anyhow::Result<BatchOutcome> {
         let ctx = self.ctx;
         let handler = &*ctx.handler;
         let topic = &*ctx.topic;
         let partition = self.partition;
-        let entries = ctx.ledger.read(topic, partition, from, ctx.max_batch)?;
+        let entries = match entries {
+            Some(e) => e,
+            None => ctx.ledger.read(topic, partition, from, ctx.max_batch)?,
+        };
         let mut b = Builder::new(self);
         let mut seen: HashMap<String, [u8; 16]> = HashMap::new();
         let mut parked_now: HashSet<String> = HashSet::new();
@@ -661,7 +753,7 @@ impl LaneView<'_> {
             let idempotency_key = envelope
                 .idempotency_key
                 .clone()
-                .unwrap_or_else(|| format!("{EMBEDDED_SOURCE}:{topic}/{partition}/{offset}"));
+                .unwrap_or_else(|| format!("{}:{topic}/{partition}/{offset}", ctx.source));
             let hash = payload_hash(&envelope.payload);
 
             let earlier = match seen.get(&idempotency_key) {

@@ -121,6 +121,13 @@ impl GroupCommitter {
         }
     }
 
+    /// Waits until everything applied before this call is durable.
+    pub async fn barrier(&self) -> Result<(), LedgerError> {
+        self.check()?;
+        let ticket = self.issue();
+        self.wait_durable(ticket).await
+    }
+
     /// Whether a flush has failed (the committer no longer accepts writes).
     pub fn failed(&self) -> bool {
         self.inner.durable.borrow().is_err()

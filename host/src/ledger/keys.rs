@@ -169,6 +169,11 @@ pub fn outbox(sequence: u64) -> Vec<u8> {
     sequence.to_be_bytes().to_vec()
 }
 
+/// The sequence of an `outbox` key.
+pub fn parse_outbox(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
 /// `meta` key of a handler's [`super::records::HandlerControl`].
 pub fn handler_control(handler: &str) -> Vec<u8> {
     let mut k = b"control/".to_vec();

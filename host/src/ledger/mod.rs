@@ -38,7 +38,7 @@ pub use commit::GroupCommitter;
 use records::{decode, encode};
 pub use records::{
     AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
-    HandlerControl, HandlerVersion, OnFailure, ParkedKey, RetryPolicy, TopicConfig,
+    HandlerControl, HandlerVersion, OnFailure, OutboxEntry, ParkedKey, RetryPolicy, TopicConfig,
 };
 
 /// Ledger errors.
@@ -86,6 +86,9 @@ pub struct CommitBatch {
     pub dlq: Vec<(String, u64, Option<DeadLetter>)>,
     /// Messages appended to embedded-log topics: (topic, partition, message).
     pub log_appends: Vec<(String, u32, Envelope)>,
+    /// Outbox entries for external targets: (sequence from
+    /// [`Ledger::next_id`], entry).
+    pub outbox: Vec<(u64, OutboxEntry)>,
     /// Keys parked (`Some`) or unparked (`None`): (handler, partition, key).
     pub parked: Vec<(String, u32, String, Option<ParkedKey>)>,
     /// Operator actions carried out: (handler, partition, dead-letter sequence).
@@ -599,7 +602,7 @@ impl Ledger {
     }
 
     /// Applies a batch in ONE transaction over state, dedup, cursor, dlq,
-    /// log, parked and dlq_actions. Not durable until flushed.
+    /// log, outbox, parked and dlq_actions. Not durable until flushed.
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
         // Everything that must happen once is prepared outside the closure.
         let state: Vec<(Vec<u8>, Option<&Vec<u8>>)> = batch
@@ -641,6 +644,10 @@ impl Ledger {
         for (h, p, seq, action) in &batch.dlq_actions_new {
             actions_new.push((keys::dlq_action(h, *p, *seq), encode(action)?));
         }
+        let mut outbox = Vec::with_capacity(batch.outbox.len());
+        for (seq, e) in &batch.outbox {
+            outbox.push((keys::outbox(*seq), encode(e)?));
+        }
         let mut offsets_guard = if batch.log_appends.is_empty() {
             None
         } else {
@@ -668,11 +675,12 @@ impl Ledger {
             &t.cursor,
             &t.dlq,
             &t.log,
+            &t.outbox,
             &t.parked,
             &t.dlq_actions,
         )
             .transaction(
-                |(state_t, dedup_t, cursor_t, dlq_t, log_t, parked_t, actions_t)| {
+                |(state_t, dedup_t, cursor_t, dlq_t, log_t, outbox_t, parked_t, actions_t)| {
                     for (k, v) in &state {
                         match v {
                             Some(v) => state_t.insert(k.as_slice(), v.as_slice())?,
@@ -693,6 +701,9 @@ impl Ledger {
                     }
                     for (k, v) in &log {
                         log_t.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, v) in &outbox {
+                        outbox_t.insert(k.as_slice(), v.as_slice())?;
                     }
                     for (k, v) in &parked {
                         match v {
@@ -970,9 +981,32 @@ impl Ledger {
             .map(|v| v.to_vec()))
     }
 
-    /// Outbox entries (reserved for external relays).
+    /// Outbox entries waiting for the relay.
     pub fn outbox_len(&self) -> usize {
         self.trees().outbox.len()
+    }
+
+    /// The oldest `max` outbox entries, in commit order. Entries are visible
+    /// once applied: a reader must wait for durability before relaying them.
+    pub fn outbox_scan(&self, max: usize) -> Result<Vec<(u64, OutboxEntry)>> {
+        let mut out = Vec::new();
+        for item in self.trees().outbox.iter().take(max) {
+            let (k, v) = item?;
+            let seq = keys::parse_outbox(&k)
+                .ok_or_else(|| LedgerError::Corrupt("outbox: bad key".into()))?;
+            out.push((seq, decode(&v, "outbox entry")?));
+        }
+        Ok(out)
+    }
+
+    /// Removes relayed outbox entries.
+    pub fn outbox_remove(&self, sequences: &[u64]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for seq in sequences {
+            batch.remove(keys::outbox(*seq));
+        }
+        self.trees().outbox.apply_batch(batch)?;
+        Ok(())
     }
 }
 

@@ -329,3 +329,22 @@ impl Default for TopicConfig {
         }
     }
 }
+
+/// A message a handler emitted to an external target (a JetStream topic),
+/// committed with the handler's transaction and relayed after the flush.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// Target topic.
+    pub topic: String,
+    /// Partition key.
+    pub key: String,
+    /// Stable id, sent as `Nats-Msg-Id`: the broker drops relay retries and
+    /// the consuming side dedups on it.
+    pub msg_id: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// When it was committed (ms since the Unix epoch).
+    pub created_ms: u64,
+}

@@ -4,6 +4,7 @@
 //! tracks its topics and wakes lanes when a partition's durable high
 //! watermark moves.
 
+pub mod jetstream;
 pub mod partition;
 pub mod topics;
 

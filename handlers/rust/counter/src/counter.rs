@@ -48,6 +48,28 @@ impl<const HONOUR_FAIL: bool> Handler for Counter<HONOUR_FAIL> {
                     core::hint::black_box(&hoard);
                 }
             }
+            Some("log-flood") => {
+                // Far more lines than the host keeps; the host caps them.
+                for i in 0..100_000u32 {
+                    ordo_guest::info!("seq {seq}: flood line {i}");
+                }
+            }
+            Some("emit-flood") => {
+                // More emits than the host's quota: the attempt fails.
+                for _ in 0..100_000u32 {
+                    outbox::emit("flood", &msg.partition_key, b"x", &[]);
+                }
+            }
+            Some("state-flood") => {
+                // A value over the host's size quota: the attempt fails.
+                state::set("flood", &vec![b'x'; 8 << 20]);
+            }
+            Some("write-flood") => {
+                // More state writes than the host's quota.
+                for i in 0..100_000u32 {
+                    state::set_str(&format!("flood-{i}"), "x");
+                }
+            }
             _ => {}
         }
 

@@ -8,6 +8,9 @@
 //!   nothing; `"trap"`: panic (a trap); `"spin"`: loop until the deadline;
 //!   `"bomb"`: allocate until the memory limit.
 //! - `"fail_attempts": N`: fail only on attempts 1..=N (then succeed).
+//! - `"fail": "log-flood" | "emit-flood" | "state-flood" | "write-flood"`:
+//!   100k log lines, 100k emits, an 8 MiB state value, 100k state writes
+//!   (the host's quotas must contain them).
 //! - `"emit": {"topic": T, "key": K}`: emit the payload minus `emit` to topic
 //!   T under key K, with the message's headers.
 //!

@@ -1,0 +1,129 @@
+//! Dedup lookup cost as the ledger grows: p50/p99 of an idempotency-key
+//! lookup (hit and miss) at 10^4 … 10^7 recorded keys, and ledger bytes per
+//! key. Records are written through the real commit path.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rand::{Rng, SeedableRng};
+
+use crate::ledger::{CommitBatch, DedupOutcome, DedupRecord, Ledger};
+
+/// Options of `ordo bench dedup`.
+#[derive(Debug, Args)]
+pub struct DedupArgs {
+    /// Largest ledger size, in recorded idempotency keys (measured at each
+    /// power of ten from 10^4 up to this).
+    #[arg(long, default_value_t = 10_000_000)]
+    max_keys: u64,
+    /// Lookups per measurement (half hits, half misses).
+    #[arg(long, default_value_t = 20_000)]
+    lookups: usize,
+    /// Markdown file to record the table in.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+}
+
+fn record(i: u64) -> DedupRecord {
+    DedupRecord {
+        offset: i,
+        partition: (i % 16) as u32,
+        version: 1,
+        payload_hash: [(i % 251) as u8; 16],
+        committed_at_ms: 1_700_000_000_000 + i,
+        outcome: DedupOutcome::Committed,
+    }
+}
+
+fn idem(i: u64) -> String {
+    format!("order-{i:012}/payment")
+}
+
+fn pct(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort_unstable();
+    let i = ((samples.len().saturating_sub(1)) as f64 * p) as usize;
+    samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+/// Runs the dedup benchmark.
+pub fn run(args: DedupArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(".")?;
+    let ledger = Ledger::open(dir.path())?;
+    let mut sizes = Vec::new();
+    let mut n = 10_000u64;
+    while n <= args.max_keys.max(10_000) {
+        sizes.push(n);
+        n *= 10;
+    }
+    let total = *sizes.last().unwrap_or(&10_000);
+    let bar = indicatif::ProgressBar::new(total);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut rows = Vec::new();
+    let mut written = 0u64;
+    for &size in &sizes {
+        while written < size {
+            let upto = (written + 10_000).min(size);
+            let batch = CommitBatch {
+                dedup: (written..upto)
+                    .map(|i| ("counter".to_string(), idem(i), record(i)))
+                    .collect(),
+                ..CommitBatch::default()
+            };
+            ledger.commit(&batch)?;
+            written = upto;
+            bar.set_position(written);
+        }
+        ledger.flush()?;
+        let mut hits = Vec::with_capacity(args.lookups / 2);
+        let mut misses = Vec::with_capacity(args.lookups / 2);
+        for _ in 0..args.lookups / 2 {
+            let k = idem(rng.gen_range(0..size));
+            let t = Instant::now();
+            let found = ledger.dedup_get("counter", &k)?;
+            hits.push(t.elapsed());
+            anyhow::ensure!(found.is_some(), "recorded key {k} not found");
+            let k = idem(size + rng.gen_range(0..size));
+            let t = Instant::now();
+            let found = ledger.dedup_get("counter", &k)?;
+            misses.push(t.elapsed());
+            anyhow::ensure!(found.is_none(), "unrecorded key {k} found");
+        }
+        let bytes = ledger.size_on_disk()?;
+        rows.push((
+            size,
+            pct(&mut hits, 0.5),
+            pct(&mut hits, 0.99),
+            pct(&mut misses, 0.5),
+            pct(&mut misses, 0.99),
+            bytes as f64 / size as f64,
+        ));
+    }
+    bar.finish_and_clear();
+    let mut table = String::from(
+        "| recorded keys | hit p50 | hit p99 | miss p50 | miss p99 | ledger bytes per key |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (size, h50, h99, m50, m99, per_key) in &rows {
+        table.push_str(&format!(
+            "| {size} | {h50:.1} µs | {h99:.1} µs | {m50:.1} µs | {m99:.1} µs | {per_key:.0} |\n"
+        ));
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+        table.push_str(&format!(
+            "\nHit p99 grows {:.2}× from {} to {} keys.\n",
+            last.2 / first.2.max(0.001),
+            first.0,
+            last.0
+        ));
+    }
+    println!("{table}");
+    let body = format!(
+        "## Dedup lookup as the ledger grows\n\n{}; sled with a 256 MiB cache; keys like `order-000000123456/payment`, \
+         records written through `Ledger::commit` in batches of 10,000 and flushed; each lookup is one \
+         `Ledger::dedup_get` (decode included). Bytes per key is the whole ledger's size on disk over the key count.\n\
+         Reproduce: `cargo run --release -- bench dedup`.\n\n{table}",
+        super::machine_summary(),
+    );
+    super::record_section(&args.output, "dedup", &body)?;
+    Ok(())
+}
