@@ -249,9 +249,8 @@ build_go() {
   wasm-tools component embed wit --world handler "$dir/core.wasm" -o "$dir/embedded.wasm"
   # Go's own preview1 shim (see handlers/go/wasip1-adapter.wat), not the
   # standard adapter: that one calls `cabi_realloc` before Go's runtime runs.
-  wasm-tools parse "$root/handlers/go/wasip1-adapter.wat" -o "$dir/adapter.wasm"
   wasm-tools component new "$dir/embedded.wasm" \
-    --adapt "wasi_snapshot_preview1=$dir/adapter.wasm" -o "$dir/component.wasm"
+    --adapt "wasi_snapshot_preview1=$root/handlers/go/wasip1-adapter.wat" -o "$dir/component.wasm"
   wasm-tools validate --features all "$dir/component.wasm"
   install_output "$dir/component.wasm" "$name" "$dir.stamp"
 }
