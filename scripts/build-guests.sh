@@ -93,3 +93,7 @@ for p in "${packages[@]}"; do
   printf 'build-guests: %-14s %8d bytes  %s\n' "$p" "$(stat -c %s "$out/$p.wasm")" "target/handlers/$p.wasm"
 done
 echo "build-guests: done in $(( $(date +%s) - start ))s ($mode toolchain)"
+
+# Handlers in other languages (C, Python, JavaScript, Zig, Go): their own
+# script, which installs their toolchains when missing.
+"$root/scripts/build-polyglot.sh"

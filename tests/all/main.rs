@@ -13,6 +13,7 @@ mod jetstream;
 mod kill;
 mod lifecycle;
 mod pipeline;
+mod polyglot;
 mod runtime;
 mod server;
 mod torture;

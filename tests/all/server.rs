@@ -1,7 +1,7 @@
 //! Running the real `ordo` binary as a child process.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ pub struct Server {
     pub data_dir: tempfile::TempDir,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
+    /// `ORDO_LOG` filter and file the server's log (stderr) is appended to.
+    log: Option<(String, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -47,6 +49,22 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            log: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a server whose log goes to `file` (appended to, across
+    /// restarts) with the `ORDO_LOG` filter `filter`.
+    pub async fn start_logging(args: &[&str], filter: &str, file: &Path) -> Server {
+        let mut server = Server {
+            child: None,
+            port: free_port(),
+            data_dir: tempfile::tempdir().expect("tempdir"),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            log: Some((filter.to_string(), file.to_path_buf())),
         };
         server.spawn().await;
         server
@@ -107,7 +125,8 @@ impl Server {
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new(Self::binary())
+        let mut command = Command::new(Self::binary());
+        command
             .args(["serve", "--data-dir"])
             .arg(self.data_dir.path())
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
@@ -117,9 +136,16 @@ impl Server {
                 "ORDO_LOG",
                 std::env::var("TEST_ORDO_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn ordo serve");
+            .stdin(Stdio::null());
+        if let Some((filter, file)) = &self.log {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .unwrap_or_else(|e| panic!("opening log {}: {e}", file.display()));
+            command.env("ORDO_LOG", filter).stderr(log);
+        }
+        let child = command.spawn().expect("spawn ordo serve");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         let http = reqwest::Client::new();

@@ -36,7 +36,8 @@ impl Default for HandlerLimits {
             deadline_ms: 1_000,
             memory_bytes: 64 << 20,
             table_elements: 100_000,
-            instances: 32,
+            // A componentize-py (Python) handler instantiates 38 core modules.
+            instances: 64,
             max_state_value_bytes: 1 << 20,
             max_state_writes: 1_000,
             max_emits: 1_000,

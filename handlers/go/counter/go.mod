@@ -1,0 +1,3 @@
+module ordo/handlers/go/counter
+
+go 1.24
