@@ -45,6 +45,20 @@ fn faultfs() -> PathBuf {
         .clone()
 }
 
+/// Makes the next spawns of `server` run under the shim, scoped to its data
+/// dir; returns the data dir's canonical path.
+fn preload_faultfs(server: &mut Server) -> PathBuf {
+    let shim = faultfs();
+    let data = server
+        .data_dir
+        .path()
+        .canonicalize()
+        .expect("data dir path");
+    server.set_env("LD_PRELOAD", Some(shim.to_str().expect("utf-8")));
+    server.set_env("FAULTFS_DIR", Some(data.to_str().expect("utf-8")));
+    data
+}
+
 fn batch(seq: u64) -> Value {
     Value::Array(
         (0..KEYS)
@@ -115,19 +129,12 @@ fn copy_tree(from: &Path, to: &Path) {
 async fn power_loss_keeps_everything_acknowledged() {
     const CYCLES: usize = 8;
     const BATCHES: u64 = 1_000;
-    let shim = faultfs();
     let shadow = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start().await;
-    let data = server
-        .data_dir
-        .path()
-        .canonicalize()
-        .expect("data dir path");
     server.kill();
+    let data = preload_faultfs(&mut server);
     // From now on the shadow is the disk a power cut leaves behind.
     restore(shadow.path(), &data);
-    server.set_env("LD_PRELOAD", Some(shim.to_str().expect("utf-8")));
-    server.set_env("FAULTFS_DIR", Some(data.to_str().expect("utf-8")));
     server.set_env("FAULTFS_SHADOW", shadow.path().to_str());
     server.respawn().await;
     server
@@ -187,21 +194,14 @@ async fn power_loss_keeps_everything_acknowledged() {
 /// it never acknowledges again, then restarts it on a healthy disk and
 /// checks that nothing acknowledged was lost.
 async fn disk_fault(fault: &str) {
-    let shim = faultfs();
     let mut server = Server::start().await;
-    let data = server
-        .data_dir
-        .path()
-        .canonicalize()
-        .expect("data dir path");
     server
         .client()
         .put_bytes("/v1/handlers/counter?topic=df", handler_bytes("counter"))
         .await
         .expect("deploy");
     server.kill();
-    server.set_env("LD_PRELOAD", Some(shim.to_str().expect("utf-8")));
-    server.set_env("FAULTFS_DIR", Some(data.to_str().expect("utf-8")));
+    preload_faultfs(&mut server);
     server.set_env("FAULTFS_FAIL", Some(fault));
     server.respawn().await;
     let client = server.client();
