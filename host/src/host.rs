@@ -1223,14 +1223,7 @@ impl Host {
                     .await?,
                 );
             }
-            let mut offsets = Vec::with_capacity(acks.len());
-            for ack in acks {
-                let ack = tokio::time::timeout(std::time::Duration::from_secs(10), ack)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("JetStream did not acknowledge within 10 s"))??;
-                offsets.push(ack.sequence);
-            }
-            return Ok(offsets);
+            return crate::source::jetstream::await_acks(acks).await;
         }
         let partitions = self.topics.ensure(&self.ledger, topic)?;
         let now = now_ms();

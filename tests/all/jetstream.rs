@@ -230,6 +230,27 @@ async fn counter_oracle_over_jetstream_with_broker_accepted_duplicates() {
     let status = client.get_json("/v1/status").await.expect("status");
     let lags = &status["handlers"][0]["partition_lags"];
     assert_eq!(lags.as_array().map(Vec::len), Some(4), "{status}");
+
+    // Producing through ordo publishes to the stream: the answer carries the
+    // stream sequence, and the message flows back to the handler.
+    let next = PER_KEY + 1;
+    let offsets = client
+        .produce(
+            "orders",
+            &json!({"key": "k0", "idempotency_key": format!("k0/{next}"),
+                    "payload": json!({"seq": next}).to_string()}),
+        )
+        .await
+        .expect("produce through ordo");
+    assert_eq!(offsets, vec![total + 1]);
+    wait_for(&client, "counter", "the produced message", |h| {
+        h["processed"].as_u64() == Some(KEYS * PER_KEY + 1)
+    })
+    .await;
+    assert_eq!(
+        state(&client, "counter", "k0", "seqs").await,
+        Some(seqs(next))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,10 +25,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 
 use super::stats::{BatchCounts, HandlerStats};
-use crate::ledger::OutboxEntry;
 use crate::ledger::{
     now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
-    GroupCommitter, Ledger, OnFailure, ParkedKey,
+    GroupCommitter, Ledger, OnFailure, OutboxEntry, ParkedKey,
 };
 use crate::runtime::{
     Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, StateAccess,

@@ -170,22 +170,6 @@ impl JsTopic {
         }
     }
 
-    /// Publishes one message to `partition` and waits for the broker's ack;
-    /// returns the stream sequence.
-    pub async fn publish(
-        &self,
-        partition: u32,
-        key: &str,
-        msg_id: Option<&str>,
-        headers: &[(String, String)],
-        payload: Vec<u8>,
-    ) -> anyhow::Result<u64> {
-        let ack = self
-            .publish_nowait(partition, key, msg_id, headers, payload)
-            .await?;
-        Ok(ack.await?.sequence)
-    }
-
     /// Publishes without waiting for the ack; await the returned future.
     pub async fn publish_nowait(
         &self,
@@ -278,11 +262,6 @@ impl JetStreams {
     pub fn all(&self) -> impl Iterator<Item = &Arc<JsTopic>> {
         self.topics.values()
     }
-
-    /// Whether no topic is on JetStream.
-    pub fn is_empty(&self) -> bool {
-        self.topics.is_empty()
-    }
 }
 
 /// One lane's reader of one partition subject: a bounded buffer filled from
@@ -330,11 +309,6 @@ impl PartitionReader {
     fn update_lag(&self) {
         self.lag
             .store(self.last_pending + self.buf.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Messages buffered and not yet committed.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
     }
 
     /// Whether messages are buffered (pulls what already arrived first).
@@ -469,6 +443,23 @@ impl PartitionReader {
     }
 }
 
+/// Waits for the broker's acks of pipelined publishes, in order; returns
+/// their stream sequences.
+pub async fn await_acks(
+    acks: Vec<jetstream::context::PublishAckFuture>,
+) -> anyhow::Result<Vec<u64>> {
+    let mut sequences = Vec::with_capacity(acks.len());
+    for ack in acks {
+        let ack = tokio::time::timeout(Duration::from_secs(10), ack)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("JetStream did not acknowledge a publish within 10 s")
+            })??;
+        sequences.push(ack.sequence);
+    }
+    Ok(sequences)
+}
+
 /// An ordered consumer of `partition`'s subject from `start` on.
 async fn open_consumer(
     topic: Arc<JsTopic>,
@@ -580,6 +571,7 @@ async fn relay_round(
 ) -> anyhow::Result<Vec<u64>> {
     // Entries become visible when applied; only durable ones may leave.
     committer.barrier().await?;
+    let mut ids = Vec::with_capacity(entries.len());
     let mut acks = Vec::with_capacity(entries.len());
     for (id, e) in entries {
         let Some(topic) = streams.get(&e.topic) else {
@@ -599,14 +591,9 @@ async fn relay_round(
                 e.payload.clone(),
             )
             .await?;
-        acks.push((*id, ack));
+        ids.push(*id);
+        acks.push(ack);
     }
-    let mut done = Vec::with_capacity(acks.len());
-    for (id, ack) in acks {
-        tokio::time::timeout(Duration::from_secs(10), ack)
-            .await
-            .map_err(|_| anyhow::anyhow!("no publish ack within 10 s"))??;
-        done.push(id);
-    }
-    Ok(done)
+    await_acks(acks).await?;
+    Ok(ids)
 }
