@@ -279,6 +279,40 @@ fn wat_fixture_ok_handler_runs() {
     assert_eq!(invoke_once(&module).outcome, Ok(()));
 }
 
+/// Every message gets a fresh instance: memory written by one invocation
+/// (below and beyond the part of a pool slot kept resident between
+/// instances), grown memory and globals are back to their initial values in
+/// the next one. The handler traps if it sees anything left over.
+#[test]
+fn no_state_survives_between_invocations() {
+    let runtime = runtime();
+    let module = load_core(
+        &runtime,
+        &format!(
+            r#"(global $seen (mut i32) (i32.const 0))
+  (func {HANDLE_SIG}
+    (if (i32.ne (memory.size) (i32.const 1)) (then unreachable))
+    (if (i32.ne (global.get $seen) (i32.const 0)) (then unreachable))
+    (if (i32.ne (i32.load (i32.const 2048)) (i32.const 0)) (then unreachable))
+    (global.set $seen (i32.const 1))
+    (i32.store (i32.const 2048) (i32.const 0x5eed))
+    ;; grow to 3 MiB and dirty a page past the 2 MiB kept resident
+    (drop (memory.grow (i32.const 47)))
+    (i32.store (i32.const 2900000) (i32.const 0x5eed))
+    (i32.const 0))"#
+        ),
+        HandlerLimits::default(),
+    );
+    for i in 0..50 {
+        let inv = invoke_once(&module);
+        assert_eq!(
+            inv.outcome,
+            Ok(()),
+            "invocation {i} saw a previous one's memory"
+        );
+    }
+}
+
 #[test]
 fn infinite_loop_hits_deadline() {
     let runtime = runtime();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{Handler, HandlerPre};
 use super::cache::ArtifactCache;
@@ -81,7 +81,10 @@ impl Runtime {
             .max_memory_size(config.max_memory_bytes)
             .max_unused_warm_slots(config.max_concurrent_instances)
             .linear_memory_keep_resident(2 << 20)
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            // Reset only the pages an instance dirtied (Linux ≥ 6.7), not
+            // the whole resident prefix: see BENCHMARKS.md.
+            .pagemap_scan(Enabled::Auto);
 
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
