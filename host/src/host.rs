@@ -1250,9 +1250,21 @@ impl Host {
         };
         let committer = self.committer.clone();
         let topic_owned = topic.to_string();
-        let (offsets, ticket) =
-            tokio::task::spawn_blocking(move || committer.append(&topic_owned, &items)).await??;
+        let (items, (offsets, ticket)) = tokio::task::spawn_blocking(move || {
+            let appended = committer.append(&topic_owned, &items);
+            appended.map(|a| (items, a))
+        })
+        .await??;
         self.committer.wait_durable(ticket).await?;
+        // Durable: lanes may take them from memory from now on.
+        let mut runs: HashMap<u32, Vec<(u64, Envelope)>> = HashMap::new();
+        for ((p, envelope), offset) in items.into_iter().zip(offsets.iter().copied()) {
+            runs.entry(p).or_default().push((offset, envelope));
+        }
+        for (p, run) in runs {
+            let tail = self.topics.tail(topic, p);
+            tail.lock().unwrap_or_else(|e| e.into_inner()).extend(run);
+        }
         for p in touched {
             self.topics.refresh(&self.ledger, topic, p);
         }

@@ -33,7 +33,7 @@ use crate::runtime::{
     Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, StateAccess,
 };
 use crate::source::jetstream::{outbox_msg_id, JetStreams, JsTopic, PartitionReader};
-use crate::source::topics::Topics;
+use crate::source::topics::{Tail, Topics};
 
 /// A handler implemented in Rust inside the host, without the sandbox (used
 /// by the benchmark to isolate the sandbox's cost, and by embedders).
@@ -208,8 +208,8 @@ enum Work {
 /// Where a lane reads its partition from.
 enum LaneSource {
     /// The embedded log; the receiver carries the partition's durable high
-    /// watermark.
-    Log(watch::Receiver<u64>),
+    /// watermark, the tail its most recent messages.
+    Log(watch::Receiver<u64>, Tail),
     /// A JetStream partition subject.
     JetStream(Box<PartitionReader>),
 }
@@ -218,7 +218,7 @@ impl LaneSource {
     /// Whether messages at or after `cursor` can be read now.
     fn ready(&mut self, cursor: u64) -> bool {
         match self {
-            LaneSource::Log(w) => *w.borrow() > cursor,
+            LaneSource::Log(w, _) => *w.borrow() > cursor,
             LaneSource::JetStream(r) => r.ready(),
         }
     }
@@ -226,7 +226,10 @@ impl LaneSource {
     /// The next batch's messages when the source holds them in memory.
     fn batch(&mut self, cursor: u64, max: usize) -> Option<Vec<(u64, Envelope)>> {
         match self {
-            LaneSource::Log(_) => None,
+            LaneSource::Log(_, tail) => tail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(cursor, max),
             LaneSource::JetStream(r) => Some(r.batch(cursor, max)),
         }
     }
@@ -234,7 +237,7 @@ impl LaneSource {
     /// Waits for more messages; `Err` when the source is gone.
     async fn changed(&mut self) -> Result<(), ()> {
         match self {
-            LaneSource::Log(w) => w.changed().await.map_err(|_| ()),
+            LaneSource::Log(w, _) => w.changed().await.map_err(|_| ()),
             LaneSource::JetStream(r) => {
                 r.wait().await;
                 Ok(())
@@ -275,7 +278,10 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             partition,
             cursor,
         ))),
-        None => LaneSource::Log(ctx.topics.watch(&ctx.topic, partition)),
+        None => LaneSource::Log(
+            ctx.topics.watch(&ctx.topic, partition),
+            ctx.topics.tail(&ctx.topic, partition),
+        ),
     };
     let cache = StateCache::shared(4096);
     let mut retry: Option<RetryState> = None;

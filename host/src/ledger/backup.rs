@@ -141,6 +141,9 @@ impl Ledger {
                 _ => None,
             };
             max_seq = max_seq.max(seq.unwrap_or(0));
+            if rec.tree == "dedup" {
+                self.note_dedup_key(&key);
+            }
             tree.insert(key, value)?;
             n += 1;
             if n % 1000 == 0 {

@@ -23,6 +23,7 @@
 
 pub mod backup;
 pub mod commit;
+mod filter;
 pub mod keys;
 pub mod records;
 
@@ -155,6 +156,8 @@ struct Inner {
     next_offsets: Mutex<HashMap<(String, u32), u64>>,
     /// Ids from [`Ledger::next_id`] are above this (raised by an import).
     id_floor: std::sync::atomic::AtomicU64,
+    /// Every idempotency key in `dedup` (see [`filter`]).
+    dedup_filter: filter::KeyFilter,
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -210,6 +213,10 @@ impl Ledger {
             ),
             None => 0,
         };
+        let dedup_filter = filter::KeyFilter::new();
+        for key in trees.dedup.iter().keys() {
+            dedup_filter.insert(&key?);
+        }
         Ok(Ledger {
             inner: Arc::new(Inner {
                 db,
@@ -217,6 +224,7 @@ impl Ledger {
                 data_file,
                 next_offsets: Mutex::new(HashMap::new()),
                 id_floor: std::sync::atomic::AtomicU64::new(id_floor),
+                dedup_filter,
             }),
         })
     }
@@ -499,14 +507,25 @@ impl Ledger {
 
     /// The idempotency record of a key, if any.
     pub fn dedup_get(&self, handler: &str, idempotency_key: &str) -> Result<Option<DedupRecord>> {
-        match self
-            .trees()
-            .dedup
-            .get(keys::dedup(handler, idempotency_key))?
-        {
+        let key = keys::dedup(handler, idempotency_key);
+        if !self.inner.dedup_filter.may_contain(&key) {
+            return Ok(None);
+        }
+        match self.trees().dedup.get(key)? {
             Some(v) => Ok(Some(decode(&v, "dedup record")?)),
             None => Ok(None),
         }
+    }
+
+    /// Records an idempotency key written outside [`Ledger::commit`] (the
+    /// import) in the in-memory filter.
+    pub(crate) fn note_dedup_key(&self, key: &[u8]) {
+        self.inner.dedup_filter.insert(key);
+    }
+
+    /// Bytes of memory held by the idempotency-key filter.
+    pub fn dedup_filter_bytes(&self) -> usize {
+        self.inner.dedup_filter.memory_bytes()
     }
 
     /// A new unique, increasing id (dead-letter and audit sequences).
@@ -613,6 +632,11 @@ impl Ledger {
         let mut dedup = Vec::with_capacity(batch.dedup.len());
         for (h, k, r) in &batch.dedup {
             dedup.push((keys::dedup(h, k), encode(r)?));
+        }
+        // Before the write: a key must never be in the ledger and not in
+        // the filter (a failed write only leaves a false positive).
+        for (k, _) in &dedup {
+            self.inner.dedup_filter.insert(k);
         }
         let cursors: Vec<(Vec<u8>, [u8; 8])> = batch
             .cursors

@@ -170,14 +170,32 @@ pub(crate) struct HostState {
     /// Set when reading committed state failed (not the guest's fault).
     host_error: Option<String>,
     limiter: Limiter,
-    wasi: WasiCtx,
+    /// Built on the guest's first WASI call: most handlers never make one,
+    /// and building it (clocks, seeded random generators, stdio sinks) is a
+    /// measurable part of a fresh instance.
+    wasi: Option<WasiCtx>,
+    /// Shared by the guest's stdout and stderr.
+    stdio_budget: Arc<Budget>,
     table: ResourceTable,
+}
+
+/// The locked-down WASI context of one invocation: no preopens, sockets,
+/// environment or arguments; stdout/stderr go to tracing, size-capped.
+fn wasi_ctx(budget: &Arc<Budget>) -> WasiCtx {
+    WasiCtxBuilder::new()
+        .stdout(LogSink::new(Stream::Stdout, budget.clone()))
+        .stderr(LogSink::new(Stream::Stderr, budget.clone()))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
 }
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let budget = &self.stdio_budget;
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: self.wasi.get_or_insert_with(|| wasi_ctx(budget)),
             table: &mut self.table,
         }
     }
@@ -352,13 +370,6 @@ impl HandlerModule {
 
     fn new_store(&self, state: Box<dyn StateAccess>, budget: &Arc<Budget>) -> Store<HostState> {
         let limits = &self.limits;
-        let wasi = WasiCtxBuilder::new()
-            .stdout(LogSink::new(Stream::Stdout, budget.clone()))
-            .stderr(LogSink::new(Stream::Stderr, budget.clone()))
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
         let host = HostState {
             state,
             overlay: Overlay::default(),
@@ -373,7 +384,8 @@ impl HandlerModule {
                 instances: limits.instances,
                 hit: None,
             },
-            wasi,
+            wasi: None,
+            stdio_budget: budget.clone(),
             table: ResourceTable::new(),
         };
         let mut store = Store::new(self.pre.engine(), host);

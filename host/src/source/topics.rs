@@ -1,8 +1,17 @@
 //! The registry of embedded-log topics: partition counts and, per partition,
-//! a watch of the durable high watermark that lanes wait on.
+//! a watch of the durable high watermark that lanes wait on, plus a small
+//! in-memory copy of the most recently produced durable messages (the
+//! "tail") so that lanes keeping up with producers need not read them back
+//! from the ledger.
+//!
+//! Architecture invariant: the tail holds only durable messages, with the
+//! offsets the ledger gave them, as one contiguous run of offsets; a lane
+//! that finds its cursor outside that run reads the ledger instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+
+use crate::ledger::Envelope;
 
 use tokio::sync::watch;
 
@@ -36,6 +45,65 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
 struct TopicEntry {
     partitions: u32,
     watermarks: Vec<watch::Sender<u64>>,
+    tails: Vec<Tail>,
+}
+
+/// Most recent durable messages of one partition (see the module docs).
+pub type Tail = Arc<Mutex<TailBuffer>>;
+
+/// Entries a tail keeps at most.
+const TAIL_MAX_ENTRIES: usize = 2048;
+/// Payload bytes a tail keeps at most.
+const TAIL_MAX_BYTES: usize = 2 << 20;
+
+/// A contiguous run of durable messages, oldest first.
+#[derive(Default)]
+pub struct TailBuffer {
+    entries: VecDeque<(u64, Envelope)>,
+    bytes: usize,
+}
+
+impl TailBuffer {
+    /// Offset after the last entry, if any.
+    fn end(&self) -> Option<u64> {
+        self.entries.back().map(|(o, _)| o + 1)
+    }
+
+    /// Appends durable messages with consecutive offsets. A run that does
+    /// not continue the buffer (concurrent producers finishing out of
+    /// order) replaces it, so the buffer stays contiguous; a run entirely
+    /// before the buffer is ignored.
+    pub fn extend(&mut self, run: impl IntoIterator<Item = (u64, Envelope)>) {
+        for (offset, envelope) in run {
+            match self.end() {
+                Some(end) if offset == end => {}
+                Some(end) if offset < end => continue,
+                _ => {
+                    self.entries.clear();
+                    self.bytes = 0;
+                }
+            }
+            self.bytes += envelope.payload.len();
+            self.entries.push_back((offset, envelope));
+            while self.entries.len() > TAIL_MAX_ENTRIES || self.bytes > TAIL_MAX_BYTES {
+                match self.entries.pop_front() {
+                    Some((_, e)) => self.bytes -= e.payload.len(),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Copies of up to `max` messages from `from` on, or `None` when `from`
+    /// is not in the buffer.
+    pub fn read(&self, from: u64, max: usize) -> Option<Vec<(u64, Envelope)>> {
+        let first = self.entries.front()?.0;
+        if from < first || from >= self.end()? {
+            return None;
+        }
+        let skip = (from - first) as usize;
+        Some(self.entries.iter().skip(skip).take(max).cloned().collect())
+    }
 }
 
 /// Shared, cheap to clone.
@@ -81,6 +149,7 @@ impl Topics {
         let entry = map.entry(name.to_string()).or_insert(TopicEntry {
             partitions: config.partitions,
             watermarks,
+            tails: (0..config.partitions).map(|_| Tail::default()).collect(),
         });
         Ok(entry.partitions)
     }
@@ -109,6 +178,15 @@ impl Topics {
         }
     }
 
+    /// The in-memory tail of one partition (an empty, unshared one for an
+    /// unknown topic).
+    pub fn tail(&self, name: &str, partition: u32) -> Tail {
+        self.lock()
+            .get(name)
+            .and_then(|t| t.tails.get(partition as usize).cloned())
+            .unwrap_or_default()
+    }
+
     /// Publishes a new durable high watermark (only ever moves forward).
     pub fn publish(&self, name: &str, partition: u32, watermark: u64) {
         if let Some(tx) = self
@@ -134,5 +212,59 @@ impl Topics {
                 tracing::warn!(topic = name, partition, error = %e, "cannot read high watermark")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(n: u64) -> Envelope {
+        Envelope {
+            key: format!("k{n}"),
+            idempotency_key: None,
+            payload: vec![0; 10],
+            headers: vec![],
+            appended_at_ms: 0,
+        }
+    }
+
+    fn run(from: u64, to: u64) -> Vec<(u64, Envelope)> {
+        (from..to).map(|o| (o, env(o))).collect()
+    }
+
+    fn offsets(v: Option<Vec<(u64, Envelope)>>) -> Option<Vec<u64>> {
+        v.map(|v| v.into_iter().map(|(o, _)| o).collect())
+    }
+
+    #[test]
+    fn tail_serves_only_a_contiguous_run() {
+        let mut t = TailBuffer::default();
+        assert_eq!(offsets(t.read(0, 10)), None, "empty");
+        t.extend(run(10, 20));
+        assert_eq!(offsets(t.read(9, 10)), None, "before the run");
+        assert_eq!(offsets(t.read(20, 10)), None, "after the run");
+        assert_eq!(offsets(t.read(18, 10)), Some(vec![18, 19]));
+        assert_eq!(offsets(t.read(10, 3)), Some(vec![10, 11, 12]));
+        // A later producer finishing first: the gap 20..25 is never served.
+        t.extend(run(25, 30));
+        assert_eq!(offsets(t.read(19, 10)), None);
+        assert_eq!(offsets(t.read(25, 2)), Some(vec![25, 26]));
+        // The earlier one finishing afterwards is ignored.
+        t.extend(run(20, 25));
+        assert_eq!(offsets(t.read(20, 10)), None);
+        assert_eq!(offsets(t.read(27, 10)), Some(vec![27, 28, 29]));
+        // Continuing the run extends it.
+        t.extend(run(30, 32));
+        assert_eq!(offsets(t.read(29, 10)), Some(vec![29, 30, 31]));
+    }
+
+    #[test]
+    fn tail_is_bounded() {
+        let mut t = TailBuffer::default();
+        t.extend(run(0, TAIL_MAX_ENTRIES as u64 + 100));
+        assert_eq!(t.entries.len(), TAIL_MAX_ENTRIES);
+        assert_eq!(offsets(t.read(0, 1)), None, "oldest evicted");
+        assert_eq!(offsets(t.read(100, 1)), Some(vec![100]));
     }
 }
