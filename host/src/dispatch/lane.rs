@@ -285,6 +285,8 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
     };
     let cache = StateCache::shared(4096);
     let mut retry: Option<RetryState> = None;
+    // The last batch applied, not yet known durable (see publish_pending).
+    let mut pending: Option<BatchOutcome> = None;
     // Actions may have been requested before a restart.
     let mut actions_pending = true;
     let mut backoff = Duration::from_millis(50);
@@ -299,6 +301,9 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         let active = active_rx.borrow().clone();
         let Some(active) = active else {
             // Paused/undeployed: wait for a version or a stop.
+            if !publish_pending(&ctx, &mut pending).await {
+                break;
+            }
             tokio::select! {
                 _ = active_rx.changed() => {}
                 _ = stop.changed() => {}
@@ -320,6 +325,10 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             Some(w) => w,
             None if source.ready(cursor) => Work::Log(cursor, source.batch(cursor, ctx.max_batch)),
             None => {
+                // Idle: make what was applied durable and visible first.
+                if !publish_pending(&ctx, &mut pending).await {
+                    break;
+                }
                 tokio::select! {
                     r = source.changed() => if r.is_err() { break },
                     _ = stop.changed() => {}
@@ -357,49 +366,45 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
                 tracing::error!(%handler, partition, error = %format!("{e:#}"), "batch failed; retrying");
+                if !publish_pending(&ctx, &mut pending).await {
+                    break;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
             Err(e) => {
                 tracing::error!(%handler, partition, error = %e, "batch task panicked; retrying");
+                if !publish_pending(&ctx, &mut pending).await {
+                    break;
+                }
                 tokio::time::sleep(backoff).await;
                 continue;
             }
         };
-        if let Some(ticket) = outcome.ticket {
-            if let Err(e) = ctx.committer.wait_durable(ticket).await {
-                // Not durable: never count or move on. The committer is now
-                // failed; the host stops acknowledging and must be restarted.
-                tracing::error!(%handler, partition, error = %e, "commit not durable; lane stopped");
-                break;
-            }
-        }
         backoff = Duration::from_millis(50);
+        // The lane's own view moves on at once: the next batch reads the
+        // ledger as this one left it (applied; a failed flush fails every
+        // later commit too, and recovery restarts from the durable prefix).
         if let Some(next) = outcome.next_cursor {
             cursor = next;
             source.committed(next);
         }
-        if outcome.outboxed {
-            ctx.outbox_wake.notify_one();
+        for key in &outcome.unparked {
+            parked.remove(key);
         }
-        for key in outcome.unparked {
-            parked.remove(&key);
+        parked.extend(outcome.parked.iter().cloned());
+        retry = outcome.retry.clone();
+        // What others see (counts, emitted messages, the outbox) waits for
+        // durability. The previous batch's flush ran while this one was
+        // built; this one's runs while the next is built.
+        if !publish_pending(&ctx, &mut pending).await {
+            break;
         }
-        parked.extend(outcome.parked);
-        ctx.stats.add(&outcome.counts);
-        let c = &outcome.counts;
-        let messages = c.processed + c.duplicates + c.dead_lettered + c.held;
-        if messages > 0 {
-            ctx.metrics
-                .batch_messages
-                .get_or_create(&ctx.label)
-                .observe(messages as f64);
+        pending = Some(outcome);
+        if retry.is_some() && !publish_pending(&ctx, &mut pending).await {
+            break;
         }
-        for (topic, partition) in outcome.appended {
-            ctx.topics.refresh(&ctx.ledger, &topic, partition);
-        }
-        retry = outcome.retry;
         if let Some(r) = &retry {
             let ceiling = r.ceiling_ms;
             let wait = Duration::from_millis(rand::thread_rng().gen_range(0..=ceiling));
@@ -412,6 +417,41 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             }
         }
     }
+    // Stopping (or failed): publish what became durable.
+    publish_pending(&ctx, &mut pending).await;
+}
+
+/// Waits until the pending batch (if any) is durable, then makes its effects
+/// visible: counters, emitted log messages, the outbox relay. `false` when
+/// it can never become durable (the lane must stop).
+async fn publish_pending(ctx: &LaneContext, pending: &mut Option<BatchOutcome>) -> bool {
+    let Some(outcome) = pending.take() else {
+        return true;
+    };
+    if let Some(ticket) = outcome.ticket {
+        if let Err(e) = ctx.committer.wait_durable(ticket).await {
+            // Not durable: never count or move on. The committer is now
+            // failed; the host stops acknowledging and must be restarted.
+            tracing::error!(handler = %ctx.handler, error = %e, "commit not durable; lane stopped");
+            return false;
+        }
+    }
+    if outcome.outboxed {
+        ctx.outbox_wake.notify_one();
+    }
+    ctx.stats.add(&outcome.counts);
+    let c = &outcome.counts;
+    let messages = c.processed + c.duplicates + c.dead_lettered + c.held;
+    if messages > 0 {
+        ctx.metrics
+            .batch_messages
+            .get_or_create(&ctx.label)
+            .observe(messages as f64);
+    }
+    for (topic, partition) in outcome.appended {
+        ctx.topics.refresh(&ctx.ledger, &topic, partition);
+    }
+    true
 }
 
 /// What one batch did, applied to the lane once it is durable.
