@@ -6,6 +6,12 @@ use clap::Parser;
 use ordo::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: with a lane per partition, sled's
+/// deferred frees and wasmtime's per-instance allocations crossing threads,
+/// glibc's arenas were a top cost in profiles (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("ORDO_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
