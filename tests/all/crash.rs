@@ -162,11 +162,16 @@ async fn crash_mid_replay_and_mid_deploy_keep_the_ledger_consistent() {
     server.kill();
     server.set_env("ORDO_CRASH_AT", Some("mid-replay:3"));
     server.respawn().await;
-    server
+    // The request is durable before the lanes are woken, so the armed
+    // process may abort before its answer is on the wire: a closed
+    // connection is fine; the supervision below proves the replay ran.
+    if let Err(e) = server
         .client()
         .post_json("/v1/dlq/replay", &json!({"handler": "counter", "key": "p"}))
         .await
-        .expect("replay");
+    {
+        eprintln!("replay request answered by a crash: {e:#}");
+    }
     // Each armed process aborts before it commits a replay batch; after
     // CRASHES crashes the point is disarmed and the replay completes.
     let crashes = supervise(&mut server, "mid-replay", |server| {

@@ -120,12 +120,6 @@ impl KeyFilter {
         let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
         layers.iter().any(|l| l.contains(h))
     }
-
-    /// Bytes of filter memory.
-    pub(crate) fn memory_bytes(&self) -> usize {
-        let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
-        layers.iter().map(|l| l.bits.len() * 8).sum()
-    }
 }
 
 #[cfg(test)]

@@ -523,11 +523,6 @@ impl Ledger {
         self.inner.dedup_filter.insert(key);
     }
 
-    /// Bytes of memory held by the idempotency-key filter.
-    pub fn dedup_filter_bytes(&self) -> usize {
-        self.inner.dedup_filter.memory_bytes()
-    }
-
     /// A new unique, increasing id (dead-letter and audit sequences).
     pub fn next_id(&self) -> Result<u64> {
         let floor = self
