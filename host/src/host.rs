@@ -1242,12 +1242,6 @@ impl Host {
                 )
             })
             .collect();
-        let touched: Vec<u32> = {
-            let mut t: Vec<u32> = items.iter().map(|(p, _)| *p).collect();
-            t.sort_unstable();
-            t.dedup();
-            t
-        };
         let committer = self.committer.clone();
         let topic_owned = topic.to_string();
         let (items, (offsets, ticket)) = tokio::task::spawn_blocking(move || {
@@ -1264,8 +1258,7 @@ impl Host {
         for (p, run) in runs {
             let tail = self.topics.tail(topic, p);
             tail.lock().unwrap_or_else(|e| e.into_inner()).extend(run);
-        }
-        for p in touched {
+            // After the tail: a lane woken by the watermark finds them there.
             self.topics.refresh(&self.ledger, topic, p);
         }
         Ok(offsets)

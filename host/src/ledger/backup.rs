@@ -111,7 +111,7 @@ impl Ledger {
                 header.format, header.version
             )));
         }
-        let trees: HashMap<&str, &sled::Tree> = self.named_trees().into_iter().collect();
+        let trees: HashMap<&str, &super::Space> = self.named_trees().into_iter().collect();
         let mut n = 0u64;
         let mut max_seq = 0u64;
         for (i, line) in input.lines().enumerate() {
@@ -173,7 +173,7 @@ impl Ledger {
 
         // Decode everything.
         fn each<T: serde::de::DeserializeOwned>(
-            tree: &sled::Tree,
+            tree: &super::Space,
             name: &str,
             what: &str,
             problems: &mut Vec<String>,

@@ -1,21 +1,27 @@
-//! Every key encoding of every ledger tree, in one place.
+//! Every key encoding of every ledger space, in one place. In the ledger's
+//! sled tree each key below is preceded by its space's byte (1, 2, … in the
+//! order of the table; see [`super::space`]); the encodings here never
+//! include it.
 //!
 //! Integers are big-endian so byte order equals numeric order; strings are a
 //! u32 big-endian length followed by the UTF-8 bytes, so a prefix of one
 //! string can never be confused with another (`"a"` vs `"ab"`) and range
 //! scans over a prefix of components are exact.
 //!
-//! | tree | key |
-//! |---|---|
-//! | `log` | str topic, u32 partition, u64 offset |
-//! | `cursor` | str handler, str source, u32 partition |
-//! | `state` | str handler, str partition key, str state key |
-//! | `dedup` | str handler, str idempotency key |
-//! | `outbox` | u64 sequence |
-//! | `dlq` | str handler, u64 sequence |
-//! | `handlers` | str name, u64 version |
-//! | `artifacts` | content hash (hex, raw bytes) |
-//! | `meta` | `topic/` + topic name |
+//! | byte | space | key |
+//! |---|---|---|
+//! | 1 | `log` | str topic, u32 partition, u64 offset |
+//! | 2 | `cursor` | str handler, str source, u32 partition |
+//! | 3 | `state` | str handler, str partition key, str state key |
+//! | 4 | `dedup` | str handler, str idempotency key |
+//! | 5 | `outbox` | u64 sequence |
+//! | 6 | `dlq` | str handler, u64 sequence |
+//! | 7 | `parked` | str handler, u32 partition, str partition key |
+//! | 8 | `dlq_actions` | str handler, u32 partition, u64 dead-letter sequence |
+//! | 9 | `audit` | u64 sequence |
+//! | 10 | `handlers` | str name, u64 version |
+//! | 11 | `artifacts` | content hash (hex, raw bytes) |
+//! | 12 | `meta` | `topic/` + topic name; `low/` + str topic, u32 partition; `control/` + str handler; `id_floor` |
 
 /// Builds a key from components.
 #[derive(Default)]

@@ -5,15 +5,18 @@
 //! outbox (`outbox`), dead letters (`dlq`), parked partition keys
 //! (`parked`), pending operator actions on dead letters (`dlq_actions`),
 //! deployed versions (`handlers`, `artifacts`), the operator audit trail
-//! (`audit`) and settings (`meta`). Key encodings are in [`keys`].
+//! (`audit`) and settings (`meta`): each a key space of ONE sled tree
+//! ([`space`]). Key encodings are in [`keys`].
 //!
-//! A lane's batch is applied with [`Ledger::commit`] as ONE sled
-//! transaction over `state`, `dedup`, `cursor`, `dlq`, `log`, `parked` and
-//! `dlq_actions`, then made durable by the [`GroupCommitter`]'s shared flush.
+//! A lane's batch is applied with [`Ledger::commit`] as ONE atomic sled
+//! batch over `state`, `dedup`, `cursor`, `dlq`, `log`, `outbox`, `parked`
+//! and `dlq_actions`, then made durable by the [`GroupCommitter`]'s shared
+//! flush. (A single tree is what makes that one batch possible: sled's
+//! multi-tree transactions re-read every key they write and run under its
+//! global exclusive lock; BENCHMARKS.md has the measurements.)
 //!
-//! Architecture invariant: transaction closures are pure — they may rerun
-//! (sled transactions are optimistic), so everything that must happen once
-//! (offset and sequence assignment, guest code) happens outside them.
+//! Architecture invariant: everything that must happen once (offset and
+//! sequence assignment, guest code) happens before the batch is applied.
 //!
 //! Durability: sled 0.34's `flush` writes its log with `sync_file_range`,
 //! which neither flushes the drive's write cache nor the file's metadata.
@@ -26,14 +29,17 @@ pub mod commit;
 mod filter;
 pub mod keys;
 pub mod records;
+mod space;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{Transactional, Tree};
+use sled::Tree;
+use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
 use records::{decode, encode};
@@ -132,23 +138,135 @@ const ID_FLOOR_KEY: &[u8] = b"id_floor";
 /// Next offset per (topic, partition).
 type NextOffsets = HashMap<(String, u32), u64>;
 
+/// The record kinds, in the order of their leading byte (1, 2, …) in the
+/// ledger tree. Also the tree names of the first layout and of exports.
+const SPACE_NAMES: [&str; 12] = [
+    "log",
+    "cursor",
+    "state",
+    "dedup",
+    "outbox",
+    "dlq",
+    "parked",
+    "dlq_actions",
+    "audit",
+    "handlers",
+    "artifacts",
+    "meta",
+];
+
+/// The sled tree that holds every record (format 2 on).
+const LEDGER_TREE: &str = "ledger";
+/// Key of the layout version in the ledger tree (leading byte 0: outside
+/// every space).
+const FORMAT_KEY: &[u8] = b"\0format";
+/// Layout version written. 1 (never recorded) was one sled tree per record
+/// kind; 2 is one tree with a leading byte per record kind.
+const FORMAT: u64 = 2;
+
 struct Trees {
-    log: Tree,
-    cursor: Tree,
-    state: Tree,
-    dedup: Tree,
-    outbox: Tree,
-    dlq: Tree,
-    parked: Tree,
-    dlq_actions: Tree,
-    audit: Tree,
-    handlers: Tree,
-    artifacts: Tree,
-    meta: Tree,
+    log: Space,
+    cursor: Space,
+    state: Space,
+    dedup: Space,
+    outbox: Space,
+    dlq: Space,
+    parked: Space,
+    dlq_actions: Space,
+    audit: Space,
+    handlers: Space,
+    artifacts: Space,
+    meta: Space,
+}
+
+impl Trees {
+    fn new(tree: &Tree) -> Trees {
+        let s = |name: &str| {
+            let i = SPACE_NAMES
+                .iter()
+                .position(|n| *n == name)
+                .expect("a known space");
+            Space::new(tree.clone(), i as u8 + 1)
+        };
+        Trees {
+            log: s("log"),
+            cursor: s("cursor"),
+            state: s("state"),
+            dedup: s("dedup"),
+            outbox: s("outbox"),
+            dlq: s("dlq"),
+            parked: s("parked"),
+            dlq_actions: s("dlq_actions"),
+            audit: s("audit"),
+            handlers: s("handlers"),
+            artifacts: s("artifacts"),
+            meta: s("meta"),
+        }
+    }
+}
+
+/// The background fill of the idempotency-key filter; stopped and joined
+/// when the ledger is dropped.
+struct FilterFill {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FilterFill {
+    /// Starts inserting every key of `dedup` into `filter`, then marks it
+    /// filled (see [`filter`]).
+    fn start(dedup: Space, filter: Arc<filter::KeyFilter>) -> FilterFill {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let fill = move || {
+            let started = std::time::Instant::now();
+            let mut keys = 0u64;
+            for entry in dedup.iter() {
+                if stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                match entry {
+                    Ok((key, _)) => filter.insert(&key),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot fill the idempotency-key filter; every idempotency lookup reads the ledger");
+                        return;
+                    }
+                }
+                keys += 1;
+            }
+            filter.mark_filled();
+            tracing::debug!(
+                keys,
+                ms = started.elapsed().as_millis() as u64,
+                "idempotency-key filter filled"
+            );
+        };
+        let thread = std::thread::Builder::new()
+            .name("ordo-key-filter".into())
+            .spawn(fill)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot start the idempotency-key filter; every idempotency lookup reads the ledger");
+            })
+            .ok();
+        FilterFill { stop, thread }
+    }
+}
+
+impl Drop for FilterFill {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 struct Inner {
+    /// First, so the fill stops before the database closes.
+    _fill: FilterFill,
     db: sled::Db,
+    /// The one tree every record is in (see [`space`]).
+    tree: Tree,
     trees: Trees,
     data_file: Option<File>,
     /// Next offset per (topic, partition); held while appending so offsets
@@ -157,7 +275,7 @@ struct Inner {
     /// Ids from [`Ledger::next_id`] are above this (raised by an import).
     id_floor: std::sync::atomic::AtomicU64,
     /// Every idempotency key in `dedup` (see [`filter`]).
-    dedup_filter: filter::KeyFilter,
+    dedup_filter: Arc<filter::KeyFilter>,
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -166,11 +284,72 @@ pub struct Ledger {
     inner: Arc<Inner>,
 }
 
-fn tx_error(e: TransactionError<LedgerError>) -> LedgerError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => LedgerError::Storage(e),
+/// The ledger tree of `db`, in the current layout: a data directory of the
+/// first layout (one sled tree per record kind) is copied into it first.
+/// `durable` flushes `db` to stable storage.
+///
+/// Crash-safe: the copy is only taken as done once the format key is
+/// durable after it; a copy interrupted before that is redone from the
+/// untouched old trees, which are dropped only afterwards.
+fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Tree> {
+    let has_tree = |name: &str| {
+        db.tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+    };
+    let tree = db.open_tree(LEDGER_TREE)?;
+    match tree.get(FORMAT_KEY)? {
+        Some(v) => {
+            let format = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| LedgerError::Corrupt("ledger format key".into()))?;
+            if format > FORMAT {
+                return Err(LedgerError::Corrupt(format!(
+                    "ledger format {format} was written by a newer ordo (this one reads up to {FORMAT})"
+                )));
+            }
+        }
+        None => {
+            let mut copied = 0u64;
+            for (i, name) in SPACE_NAMES.iter().enumerate() {
+                if !has_tree(name) {
+                    continue;
+                }
+                let space = Space::new(tree.clone(), i as u8 + 1);
+                let mut writes = Writes::default();
+                for entry in db.open_tree(name)?.iter() {
+                    let (k, v) = entry?;
+                    writes.insert(&space, &k, v);
+                    if writes.len() == 10_000 {
+                        copied += writes.len() as u64;
+                        std::mem::take(&mut writes).apply(&tree)?;
+                    }
+                }
+                copied += writes.len() as u64;
+                writes.apply(&tree)?;
+            }
+            if copied > 0 {
+                tracing::info!(
+                    records = copied,
+                    "ledger copied into the single-tree layout (format {FORMAT})"
+                );
+            }
+            durable()?;
+            tree.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+            durable()?;
+        }
     }
+    let mut dropped = false;
+    for name in SPACE_NAMES {
+        if has_tree(name) {
+            db.drop_tree(name)?;
+            dropped = true;
+        }
+    }
+    if dropped {
+        durable()?;
+    }
+    Ok(tree)
 }
 
 impl Ledger {
@@ -181,21 +360,6 @@ impl Ledger {
             .path(dir)
             .cache_capacity(256 << 20)
             .open()?;
-        let t = |name: &str| db.open_tree(name);
-        let trees = Trees {
-            log: t("log")?,
-            cursor: t("cursor")?,
-            state: t("state")?,
-            dedup: t("dedup")?,
-            outbox: t("outbox")?,
-            dlq: t("dlq")?,
-            parked: t("parked")?,
-            dlq_actions: t("dlq_actions")?,
-            audit: t("audit")?,
-            handlers: t("handlers")?,
-            artifacts: t("artifacts")?,
-            meta: t("meta")?,
-        };
         let data_file = File::open(dir.join("db")).ok();
         if let Some(parent) = dir.parent() {
             if let Ok(d) = File::open(parent) {
@@ -205,6 +369,15 @@ impl Ledger {
         if let Ok(d) = File::open(dir) {
             d.sync_all()?;
         }
+        let durable = || -> Result<()> {
+            db.flush()?;
+            if let Some(f) = &data_file {
+                f.sync_data()?;
+            }
+            Ok(())
+        };
+        let tree = open_layout(&db, &durable)?;
+        let trees = Trees::new(&tree);
         let id_floor = match trees.meta.get(ID_FLOOR_KEY)? {
             Some(v) => u64::from_be_bytes(
                 v.as_ref()
@@ -213,13 +386,13 @@ impl Ledger {
             ),
             None => 0,
         };
-        let dedup_filter = filter::KeyFilter::new();
-        for key in trees.dedup.iter().keys() {
-            dedup_filter.insert(&key?);
-        }
+        let dedup_filter = Arc::new(filter::KeyFilter::new());
+        let fill = FilterFill::start(trees.dedup.clone(), dedup_filter.clone());
         Ok(Ledger {
             inner: Arc::new(Inner {
+                _fill: fill,
                 db,
+                tree,
                 trees,
                 data_file,
                 next_offsets: Mutex::new(HashMap::new()),
@@ -231,6 +404,11 @@ impl Ledger {
 
     fn trees(&self) -> &Trees {
         &self.inner.trees
+    }
+
+    /// Applies `writes` atomically. Not durable until flushed.
+    fn apply(&self, writes: Writes) -> Result<()> {
+        Ok(writes.apply(&self.inner.tree)?)
     }
 
     /// Makes every write so far durable: sled flush, then fdatasync.
@@ -309,11 +487,12 @@ impl Ledger {
         let mut map = self.lock_offsets();
         let targets: Vec<(&str, u32)> = items.iter().map(|(p, _)| (topic, *p)).collect();
         let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
-        let mut batch = sled::Batch::default();
+        let log = &self.trees().log;
+        let mut writes = Writes::default();
         for ((partition, env), offset) in items.iter().zip(&offsets) {
-            batch.insert(keys::log(topic, *partition, *offset), encode(env)?);
+            writes.insert(log, &keys::log(topic, *partition, *offset), encode(env)?);
         }
-        self.trees().log.apply_batch(batch)?;
+        self.apply(writes)?;
         map.extend(next);
         Ok(offsets)
     }
@@ -329,7 +508,12 @@ impl Ledger {
         let start = keys::log(topic, partition, from);
         let end = keys::log(topic, partition, u64::MAX);
         let mut out = Vec::new();
-        for entry in self.trees().log.range(start..=end).take(max) {
+        for entry in self
+            .trees()
+            .log
+            .range(Bound::Included(&start), Some(Bound::Included(&end)))
+            .take(max)
+        {
             let (k, v) = entry?;
             let mut r = keys::KeyReader::new(&k);
             let (_, _, offset) = (r.str(), r.u32(), r.u64());
@@ -360,7 +544,12 @@ impl Ledger {
         let start = keys::log(topic, partition, 0);
         let end = keys::log(topic, partition, keep_from);
         let mut bound = None;
-        for entry in self.trees().log.range(start..end).take(max_scan) {
+        for entry in self
+            .trees()
+            .log
+            .range(Bound::Included(&start), Some(Bound::Excluded(&end)))
+            .take(max_scan)
+        {
             let (k, v) = entry?;
             let mut r = keys::KeyReader::new(&k);
             let (_, _, offset) = (r.str(), r.u32(), r.u64());
@@ -379,7 +568,7 @@ impl Ledger {
         let first = self
             .trees()
             .log
-            .scan_prefix(keys::log_partition(topic, partition))
+            .scan_prefix(&keys::log_partition(topic, partition))
             .next()
             .transpose()?;
         match first {
@@ -396,19 +585,20 @@ impl Ledger {
     pub fn remove_before(&self, topic: &str, partition: u32, offset: u64) -> Result<usize> {
         let start = keys::log(topic, partition, 0);
         let end = keys::log(topic, partition, offset);
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for entry in self.trees().log.range(start..end) {
-            let (k, _) = entry?;
-            batch.remove(k);
-            n += 1;
+        let log = &self.trees().log;
+        let mut writes = Writes::default();
+        for entry in log.range(Bound::Included(&start), Some(Bound::Excluded(&end))) {
+            writes.remove(log, &entry?.0);
         }
+        let n = writes.len();
         // Remember where the log starts, so offsets never restart at 0 when
-        // a partition is emptied by retention.
-        self.trees()
-            .meta
-            .insert(keys::low_watermark(topic, partition), &offset.to_be_bytes())?;
-        self.trees().log.apply_batch(batch)?;
+        // a partition is emptied by retention (in the same atomic batch).
+        writes.insert(
+            &self.trees().meta,
+            &keys::low_watermark(topic, partition),
+            &offset.to_be_bytes(),
+        );
+        self.apply(writes)?;
         Ok(n)
     }
 
@@ -424,10 +614,7 @@ impl Ledger {
     pub fn create_topic(&self, topic: &str, config: &TopicConfig) -> Result<()> {
         let key = keys::topic_meta(topic);
         let value = encode(config)?;
-        let _ = self
-            .trees()
-            .meta
-            .compare_and_swap(key, None as Option<&[u8]>, Some(value))?;
+        self.trees().meta.insert_if_absent(key, value)?;
         Ok(())
     }
 
@@ -517,6 +704,13 @@ impl Ledger {
         }
     }
 
+    /// Whether the idempotency-key filter holds every recorded key yet
+    /// (it is filled in the background after the ledger opens; until then
+    /// every lookup reads the ledger).
+    pub fn key_filter_filled(&self) -> bool {
+        self.inner.dedup_filter.is_filled()
+    }
+
     /// Records an idempotency key written outside [`Ledger::commit`] (the
     /// import) in the in-memory filter.
     pub(crate) fn note_dedup_key(&self, key: &[u8]) {
@@ -548,7 +742,7 @@ impl Ledger {
     }
 
     /// Every tree with its name.
-    pub(crate) fn named_trees(&self) -> Vec<(&'static str, &Tree)> {
+    pub(crate) fn named_trees(&self) -> Vec<(&'static str, &Space)> {
         let t = self.trees();
         vec![
             ("log", &t.log),
@@ -595,10 +789,10 @@ impl Ledger {
         max_scan: usize,
     ) -> Result<(usize, Option<Vec<u8>>)> {
         let tree = &self.trees().dedup;
-        let mut batch = sled::Batch::default();
+        let mut writes = Writes::default();
         let (mut removed, mut scanned) = (0, 0);
         let mut next = None;
-        for entry in tree.range(from.to_vec()..) {
+        for entry in tree.range(Bound::Included(from), None) {
             let (k, v) = entry?;
             if scanned == max_scan {
                 next = Some(k.to_vec());
@@ -607,142 +801,71 @@ impl Ledger {
             scanned += 1;
             let record: DedupRecord = decode(&v, "dedup record")?;
             if record.outcome == DedupOutcome::Committed && record.committed_at_ms < cutoff_ms {
-                batch.remove(k);
+                writes.remove(tree, &k);
                 removed += 1;
             }
         }
-        tree.apply_batch(batch)?;
+        self.apply(writes)?;
         Ok((removed, next))
     }
 
-    /// Applies a batch in ONE transaction over state, dedup, cursor, dlq,
-    /// log, outbox, parked and dlq_actions. Not durable until flushed.
+    /// Applies a batch atomically (one sled batch over the state, dedup,
+    /// cursor, dlq, log, outbox, parked and dlq_actions spaces). Not
+    /// durable until flushed.
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
-        // Everything that must happen once is prepared outside the closure.
-        let state: Vec<(Vec<u8>, Option<&Vec<u8>>)> = batch
-            .state
-            .iter()
-            .map(|(h, pk, sk, v)| (keys::state(h, pk, sk), v.as_ref()))
-            .collect();
-        let mut dedup = Vec::with_capacity(batch.dedup.len());
-        for (h, k, r) in &batch.dedup {
-            dedup.push((keys::dedup(h, k), encode(r)?));
-        }
-        // Before the write: a key must never be in the ledger and not in
-        // the filter (a failed write only leaves a false positive).
-        for (k, _) in &dedup {
-            self.inner.dedup_filter.insert(k);
-        }
-        let cursors: Vec<(Vec<u8>, [u8; 8])> = batch
-            .cursors
-            .iter()
-            .map(|(h, s, p, n)| (keys::cursor(h, s, *p), n.to_be_bytes()))
-            .collect();
-        let mut dlq = Vec::with_capacity(batch.dlq.len());
-        for (h, seq, d) in &batch.dlq {
-            let value = match d {
-                Some(d) => Some(encode(d)?),
-                None => None,
-            };
-            dlq.push((keys::dlq(h, *seq), value));
-        }
-        let mut parked = Vec::with_capacity(batch.parked.len());
-        for (h, p, k, v) in &batch.parked {
-            let value = match v {
-                Some(v) => Some(encode(v)?),
-                None => None,
-            };
-            parked.push((keys::parked(h, *p, k), value));
-        }
-        let actions_done: Vec<Vec<u8>> = batch
-            .dlq_actions_done
-            .iter()
-            .map(|(h, p, seq)| keys::dlq_action(h, *p, *seq))
-            .collect();
-        let mut actions_new = Vec::with_capacity(batch.dlq_actions_new.len());
-        for (h, p, seq, action) in &batch.dlq_actions_new {
-            actions_new.push((keys::dlq_action(h, *p, *seq), encode(action)?));
-        }
-        let mut outbox = Vec::with_capacity(batch.outbox.len());
-        for (seq, e) in &batch.outbox {
-            outbox.push((keys::outbox(*seq), encode(e)?));
-        }
-        let mut offsets_guard = if batch.log_appends.is_empty() {
-            None
-        } else {
-            Some(self.lock_offsets())
-        };
-        let mut log = Vec::with_capacity(batch.log_appends.len());
-        let mut next_offsets = HashMap::new();
-        if let Some(map) = offsets_guard.as_mut() {
-            let targets: Vec<(&str, u32)> = batch
-                .log_appends
-                .iter()
-                .map(|(t, p, _)| (t.as_str(), *p))
-                .collect();
-            let (offsets, next) = self.assign_offsets(map, &targets)?;
-            for ((t, p, env), o) in batch.log_appends.iter().zip(offsets) {
-                log.push((keys::log(t, *p, o), encode(env)?));
-            }
-            next_offsets = next;
-        }
-
         let t = self.trees();
-        (
-            &t.state,
-            &t.dedup,
-            &t.cursor,
-            &t.dlq,
-            &t.log,
-            &t.outbox,
-            &t.parked,
-            &t.dlq_actions,
-        )
-            .transaction(
-                |(state_t, dedup_t, cursor_t, dlq_t, log_t, outbox_t, parked_t, actions_t)| {
-                    for (k, v) in &state {
-                        match v {
-                            Some(v) => state_t.insert(k.as_slice(), v.as_slice())?,
-                            None => state_t.remove(k.as_slice())?,
-                        };
-                    }
-                    for (k, v) in &dedup {
-                        dedup_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for (k, v) in &cursors {
-                        cursor_t.insert(k.as_slice(), &v[..])?;
-                    }
-                    for (k, v) in &dlq {
-                        match v {
-                            Some(v) => dlq_t.insert(k.as_slice(), v.as_slice())?,
-                            None => dlq_t.remove(k.as_slice())?,
-                        };
-                    }
-                    for (k, v) in &log {
-                        log_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for (k, v) in &outbox {
-                        outbox_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    for (k, v) in &parked {
-                        match v {
-                            Some(v) => parked_t.insert(k.as_slice(), v.as_slice())?,
-                            None => parked_t.remove(k.as_slice())?,
-                        };
-                    }
-                    for k in &actions_done {
-                        actions_t.remove(k.as_slice())?;
-                    }
-                    for (k, v) in &actions_new {
-                        actions_t.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<LedgerError>>(())
-                },
-            )
-            .map_err(tx_error)?;
-        if let Some(mut map) = offsets_guard {
-            map.extend(next_offsets);
+        let mut writes = Writes::default();
+        for (h, pk, sk, v) in &batch.state {
+            writes.put(&t.state, &keys::state(h, pk, sk), v.as_deref());
         }
+        for (h, k, r) in &batch.dedup {
+            let key = keys::dedup(h, k);
+            // Before the write: a key must never be in the ledger and not in
+            // the filter (a failed write only leaves a false positive).
+            self.inner.dedup_filter.insert(&key);
+            writes.insert(&t.dedup, &key, encode(r)?);
+        }
+        for (h, s, p, n) in &batch.cursors {
+            writes.insert(&t.cursor, &keys::cursor(h, s, *p), &n.to_be_bytes());
+        }
+        for (h, seq, d) in &batch.dlq {
+            let value = d.as_ref().map(encode).transpose()?;
+            writes.put(&t.dlq, &keys::dlq(h, *seq), value.as_deref());
+        }
+        for (h, p, k, v) in &batch.parked {
+            let value = v.as_ref().map(encode).transpose()?;
+            writes.put(&t.parked, &keys::parked(h, *p, k), value.as_deref());
+        }
+        for (h, p, seq) in &batch.dlq_actions_done {
+            writes.remove(&t.dlq_actions, &keys::dlq_action(h, *p, *seq));
+        }
+        for (h, p, seq, action) in &batch.dlq_actions_new {
+            writes.insert(
+                &t.dlq_actions,
+                &keys::dlq_action(h, *p, *seq),
+                encode(action)?,
+            );
+        }
+        for (seq, e) in &batch.outbox {
+            writes.insert(&t.outbox, &keys::outbox(*seq), encode(e)?);
+        }
+        if batch.log_appends.is_empty() {
+            return self.apply(writes);
+        }
+        // Offsets are assigned and the writes applied under the offsets
+        // lock, so appends land in offset order without gaps.
+        let mut map = self.lock_offsets();
+        let targets: Vec<(&str, u32)> = batch
+            .log_appends
+            .iter()
+            .map(|(t, p, _)| (t.as_str(), *p))
+            .collect();
+        let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
+        for ((topic, p, env), o) in batch.log_appends.iter().zip(offsets) {
+            writes.insert(&t.log, &keys::log(topic, *p, o), encode(env)?);
+        }
+        self.apply(writes)?;
+        map.extend(next);
         Ok(())
     }
 
@@ -754,14 +877,14 @@ impl Ledger {
         Ok(self
             .trees()
             .dlq
-            .scan_prefix(keys::handler_prefix(handler))
+            .scan_prefix(&keys::handler_prefix(handler))
             .count() as u64)
     }
 
     /// Dead letters of a handler, oldest first.
     pub fn dlq_list(&self, handler: &str) -> Result<Vec<(u64, DeadLetter)>> {
         let mut out = Vec::new();
-        for entry in self.trees().dlq.scan_prefix(keys::handler_prefix(handler)) {
+        for entry in self.trees().dlq.scan_prefix(&keys::handler_prefix(handler)) {
             let (k, v) = entry?;
             let mut r = keys::KeyReader::new(&k);
             let seq = r
@@ -787,7 +910,7 @@ impl Ledger {
         for entry in self
             .trees()
             .parked
-            .scan_prefix(keys::handler_partition(handler, partition))
+            .scan_prefix(&keys::handler_partition(handler, partition))
         {
             let (_, v) = entry?;
             out.push(decode(&v, "parked key")?);
@@ -801,7 +924,7 @@ impl Ledger {
         for entry in self
             .trees()
             .parked
-            .scan_prefix(keys::handler_prefix(handler))
+            .scan_prefix(&keys::handler_prefix(handler))
         {
             let (k, v) = entry?;
             let mut r = keys::KeyReader::new(&k);
@@ -819,7 +942,7 @@ impl Ledger {
         Ok(self
             .trees()
             .parked
-            .scan_prefix(keys::handler_prefix(handler))
+            .scan_prefix(&keys::handler_prefix(handler))
             .count() as u64)
     }
 
@@ -830,11 +953,12 @@ impl Ledger {
         handler: &str,
         actions: &[(u32, u64, DlqAction)],
     ) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let space = &self.trees().dlq_actions;
+        let mut writes = Writes::default();
         for (p, seq, action) in actions {
-            batch.insert(keys::dlq_action(handler, *p, *seq), encode(action)?);
+            writes.insert(space, &keys::dlq_action(handler, *p, *seq), encode(action)?);
         }
-        self.trees().dlq_actions.apply_batch(batch)?;
+        self.apply(writes)?;
         Ok(())
     }
 
@@ -849,7 +973,7 @@ impl Ledger {
         for entry in self
             .trees()
             .dlq_actions
-            .scan_prefix(keys::handler_partition(handler, partition))
+            .scan_prefix(&keys::handler_partition(handler, partition))
             .take(max)
         {
             let (k, v) = entry?;
@@ -869,7 +993,7 @@ impl Ledger {
         Ok(self
             .trees()
             .dlq_actions
-            .scan_prefix(keys::handler_prefix(handler))
+            .scan_prefix(&keys::handler_prefix(handler))
             .count() as u64)
     }
 
@@ -916,7 +1040,7 @@ impl Ledger {
         for entry in self
             .trees()
             .handlers
-            .scan_prefix(keys::handler_prefix(name))
+            .scan_prefix(&keys::handler_prefix(name))
         {
             let (_, v) = entry?;
             out.push(decode(&v, "handler version")?);
@@ -971,13 +1095,12 @@ impl Ledger {
             &t.dlq_actions,
             &t.handlers,
         ] {
-            let mut batch = sled::Batch::default();
+            let mut writes = Writes::default();
             for entry in tree.scan_prefix(&prefix) {
-                let (k, _) = entry?;
-                batch.remove(k);
+                writes.remove(tree, &entry?.0);
                 removed += 1;
             }
-            tree.apply_batch(batch)?;
+            self.apply(writes)?;
         }
         t.meta.remove(keys::handler_control(name))?;
         Ok(removed)
@@ -1020,11 +1143,12 @@ impl Ledger {
 
     /// Removes relayed outbox entries.
     pub fn outbox_remove(&self, sequences: &[u64]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let outbox = &self.trees().outbox;
+        let mut writes = Writes::default();
         for seq in sequences {
-            batch.remove(keys::outbox(*seq));
+            writes.remove(outbox, &keys::outbox(*seq));
         }
-        self.trees().outbox.apply_batch(batch)?;
+        self.apply(writes)?;
         Ok(())
     }
 }

@@ -316,3 +316,169 @@ async fn a_failed_flush_is_never_reported_durable_and_stops_the_committer() {
     assert!(matches!(refused, Err(LedgerError::NotDurable(_))));
     assert!(committer.wait_durable(ticket + 1).await.is_err());
 }
+
+/// Writes a data directory in the first layout (one sled tree per record
+/// kind), as ordo before format 2 did.
+fn write_first_layout(dir: &Path, log_messages: u64) {
+    let db = sled::open(dir).unwrap();
+    db.open_tree("state")
+        .unwrap()
+        .insert(keys::state("h", "k", "a"), b"1".to_vec())
+        .unwrap();
+    db.open_tree("dedup")
+        .unwrap()
+        .insert(keys::dedup("h", "m1"), encode(&dedup_record(5)).unwrap())
+        .unwrap();
+    db.open_tree("cursor")
+        .unwrap()
+        .insert(keys::cursor("h", "log", 3), &6u64.to_be_bytes())
+        .unwrap();
+    let log = db.open_tree("log").unwrap();
+    for offset in 0..log_messages {
+        let e = env("x", &format!("m{offset}"));
+        log.insert(keys::log("big", 0, offset), encode(&e).unwrap())
+            .unwrap();
+    }
+    db.flush().unwrap();
+}
+
+fn tree_names(dir: &Path) -> Vec<String> {
+    let db = sled::open(dir).unwrap();
+    db.tree_names()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
+}
+
+fn assert_first_layout_records(ledger: &Ledger, log_messages: u64) {
+    assert_eq!(
+        ledger.state_get("h", "k", "a").unwrap(),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(ledger.dedup_get("h", "m1").unwrap(), Some(dedup_record(5)));
+    assert_eq!(ledger.dedup_get("h", "m2").unwrap(), None);
+    assert_eq!(ledger.cursor("h", "log", 3).unwrap(), 6);
+    assert_eq!(ledger.high_watermark("big", 0).unwrap(), log_messages);
+    let tail = ledger.read("big", 0, log_messages - 2, 10).unwrap();
+    assert_eq!(tail.len(), 2);
+    assert_eq!(
+        tail[1].1.payload,
+        format!("m{}", log_messages - 1).into_bytes()
+    );
+}
+
+#[test]
+fn a_first_layout_ledger_is_copied_into_one_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    // More records than one copy batch.
+    let n = 25_000;
+    write_first_layout(dir.path(), n);
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_first_layout_records(&ledger, n);
+        assert_eq!(ledger.record_count(), n + 3);
+    }
+    let names = tree_names(dir.path());
+    for old in SPACE_NAMES {
+        assert!(!names.iter().any(|n| n == old), "{old} left in {names:?}");
+    }
+    // Reopening reads the new layout (nothing left to copy).
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_first_layout_records(&ledger, n);
+}
+
+#[test]
+fn an_interrupted_copy_is_redone_and_old_trees_left_after_it_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    write_first_layout(dir.path(), 100);
+    {
+        // A copy that stopped half-way: some records in the ledger tree, no
+        // format key.
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree(LEDGER_TREE).unwrap();
+        let log = Space::new(tree, 1);
+        for (k, v) in db.open_tree("log").unwrap().iter().take(40).flatten() {
+            log.insert(k, v).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_first_layout_records(&ledger, 100);
+    }
+    {
+        // A copy that finished but stopped before dropping the old trees:
+        // what they hold is stale and must not be read or copied again.
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("state")
+            .unwrap()
+            .insert(keys::state("h", "k", "a"), b"stale".to_vec())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_first_layout_records(&ledger, 100);
+    drop(ledger);
+    assert!(!tree_names(dir.path()).iter().any(|n| n == "state"));
+}
+
+#[test]
+fn a_ledger_of_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Ledger::open(dir.path()).unwrap());
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree(LEDGER_TREE)
+            .unwrap()
+            .insert(FORMAT_KEY, &(FORMAT + 1).to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let err = Ledger::open(dir.path())
+        .err()
+        .expect("a newer format is refused");
+    assert!(err.to_string().contains("newer ordo"), "{err}");
+}
+
+#[test]
+fn recorded_keys_are_found_before_and_after_the_key_filter_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 50_000u64;
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let batch = CommitBatch {
+            dedup: (0..n)
+                .map(|i| ("h".into(), format!("m{i}"), dedup_record(i)))
+                .collect(),
+            ..CommitBatch::default()
+        };
+        ledger.commit(&batch).unwrap();
+        ledger.flush().unwrap();
+    }
+    let ledger = Ledger::open(dir.path()).unwrap();
+    // Right after opening (the fill has most likely not finished).
+    assert_eq!(
+        ledger.dedup_get("h", "m49999").unwrap(),
+        Some(dedup_record(49_999))
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ledger.key_filter_filled() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the filter never filled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for i in (0..n).step_by(997) {
+        assert_eq!(
+            ledger.dedup_get("h", &format!("m{i}")).unwrap(),
+            Some(dedup_record(i))
+        );
+    }
+    assert_eq!(ledger.dedup_get("h", "never").unwrap(), None);
+    drop(ledger);
+    // Dropping a ledger whose fill is still running stops the fill and
+    // releases the data directory.
+    drop(Ledger::open(dir.path()).unwrap());
+    drop(Ledger::open(dir.path()).unwrap());
+}
