@@ -823,6 +823,9 @@ impl Ledger {
             // Before the write: a key must never be in the ledger and not in
             // the filter (a failed write only leaves a false positive).
             self.inner.dedup_filter.insert(&key);
+            // Not read first, although sled then stores new keys in about
+            // twice the disk space (BENCHMARKS.md, item 6): the read takes
+            // sled's lock and multiplied latency at half load.
             writes.insert(&t.dedup, &key, encode(r)?);
         }
         for (h, s, p, n) in &batch.cursors {
