@@ -3,7 +3,7 @@
 //! a ledger read.
 //!
 //! Why: each sled read takes sled's process-wide concurrency lock, which a
-//! committing transaction holds exclusively; with many lanes the per-message
+//! committing batch holds exclusively; with many lanes the per-message
 //! idempotency lookup was the main place lanes queued behind each other
 //! (measured: BENCHMARKS.md). A negative answer from the filter is exact; a
 //! positive one (a duplicate, or about 0.1 % false positives) falls through

@@ -484,13 +484,30 @@ impl Ledger {
     /// Appends messages to `topic` atomically (all or nothing) and returns
     /// their offsets, in order. Not durable until flushed.
     pub fn append_batch(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
+        let appends: Vec<(&str, u32, &Envelope)> =
+            items.iter().map(|(p, env)| (topic, *p, env)).collect();
+        self.apply_appending(Writes::default(), &appends)
+    }
+
+    /// Applies `writes` and appends (topic, partition, message) to the
+    /// embedded log as ONE atomic batch; returns the appended messages'
+    /// offsets, in order. Offsets are assigned and the batch applied under
+    /// the offsets lock, so appends land in offset order without gaps.
+    fn apply_appending(
+        &self,
+        mut writes: Writes,
+        appends: &[(&str, u32, &Envelope)],
+    ) -> Result<Vec<u64>> {
+        if appends.is_empty() {
+            self.apply(writes)?;
+            return Ok(Vec::new());
+        }
         let mut map = self.lock_offsets();
-        let targets: Vec<(&str, u32)> = items.iter().map(|(p, _)| (topic, *p)).collect();
+        let targets: Vec<(&str, u32)> = appends.iter().map(|(t, p, _)| (*t, *p)).collect();
         let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
         let log = &self.trees().log;
-        let mut writes = Writes::default();
-        for ((partition, env), offset) in items.iter().zip(&offsets) {
-            writes.insert(log, &keys::log(topic, *partition, *offset), encode(env)?);
+        for ((topic, partition, env), offset) in appends.iter().zip(&offsets) {
+            writes.insert(log, &keys::log(topic, *partition, *offset), encode(*env)?);
         }
         self.apply(writes)?;
         map.extend(next);
@@ -852,23 +869,12 @@ impl Ledger {
         for (seq, e) in &batch.outbox {
             writes.insert(&t.outbox, &keys::outbox(*seq), encode(e)?);
         }
-        if batch.log_appends.is_empty() {
-            return self.apply(writes);
-        }
-        // Offsets are assigned and the writes applied under the offsets
-        // lock, so appends land in offset order without gaps.
-        let mut map = self.lock_offsets();
-        let targets: Vec<(&str, u32)> = batch
+        let appends: Vec<(&str, u32, &Envelope)> = batch
             .log_appends
             .iter()
-            .map(|(t, p, _)| (t.as_str(), *p))
+            .map(|(topic, p, env)| (topic.as_str(), *p, env))
             .collect();
-        let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
-        for ((topic, p, env), o) in batch.log_appends.iter().zip(offsets) {
-            writes.insert(&t.log, &keys::log(topic, *p, o), encode(env)?);
-        }
-        self.apply(writes)?;
-        map.extend(next);
+        self.apply_appending(writes, &appends)?;
         Ok(())
     }
 
