@@ -10,7 +10,9 @@
 //! committed), `mid-replay` (a dead letter replayed, not committed),
 //! `mid-deploy` (component and version record stored, not yet activated),
 //! `mid-outbox-relay` (outbox entries published and acknowledged by the
-//! broker, not yet deleted).
+//! broker, not yet deleted), `mid-journal` (a ledger batch's journal record
+//! and its first write flushed, the rest of the batch not; see
+//! [`crate::ledger::journal`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -24,6 +26,7 @@ pub const POINTS: &[&str] = &[
     "mid-replay",
     "mid-deploy",
     "mid-outbox-relay",
+    "mid-journal",
 ];
 
 struct Armed {
@@ -58,12 +61,19 @@ fn armed() -> Option<&'static Armed> {
 
 /// Aborts the process if `point` is armed and reached for the nth time.
 pub fn point(name: &str) {
+    point_then(name, || {});
+}
+
+/// Like [`point`], running `before` just before aborting (to make the state
+/// the crash must leave reach the disk, say).
+pub fn point_then(name: &str, before: impl FnOnce()) {
     if let Some(a) = armed() {
         if a.point == name && a.seen.fetch_add(1, Ordering::SeqCst) + 1 == a.nth {
             eprintln!(
                 "ordo: crash point {name} reached ({}th time): aborting",
                 a.nth
             );
+            before();
             std::process::abort();
         }
     }

@@ -61,6 +61,7 @@ pub const TORTURE_POINTS: &[&str] = &[
     "after-flush-before-ack",
     "mid-batch",
     "mid-deploy",
+    "mid-journal",
 ];
 
 const COUNTER_TOPIC: &str = "torture-counter";

@@ -2,10 +2,10 @@
 //! that the common case — a message never seen before — is answered without
 //! a ledger read.
 //!
-//! Why: each sled read takes sled's process-wide concurrency lock, which a
-//! committing batch holds exclusively; with many lanes the per-message
-//! idempotency lookup was the main place lanes queued behind each other
-//! (measured: BENCHMARKS.md). A negative answer from the filter is exact; a
+//! Why: a sled read walks the tree (and, while sled's atomic batches were
+//! used, took a process-wide lock a committing batch held exclusively);
+//! with many lanes the per-message idempotency lookup was the main place
+//! lanes queued behind each other (measured: BENCHMARKS.md). A negative answer from the filter is exact; a
 //! positive one (a duplicate, or about 0.1 % false positives) falls through
 //! to the ledger.
 //!

@@ -8,12 +8,13 @@
 //! (`audit`) and settings (`meta`): each a key space of ONE sled tree
 //! ([`space`]). Key encodings are in [`keys`].
 //!
-//! A lane's batch is applied with [`Ledger::commit`] as ONE atomic sled
-//! batch over `state`, `dedup`, `cursor`, `dlq`, `log`, `outbox`, `parked`
-//! and `dlq_actions`, then made durable by the [`GroupCommitter`]'s shared
-//! flush. (A single tree is what makes that one batch possible: sled's
-//! multi-tree transactions re-read every key they write and run under its
-//! global exclusive lock; BENCHMARKS.md has the measurements.)
+//! A lane's batch is applied with [`Ledger::commit`] as ONE atomic batch
+//! over `state`, `dedup`, `cursor`, `dlq`, `log`, `outbox`, `parked` and
+//! `dlq_actions` (all-or-nothing across crashes through the [`journal`]),
+//! then made durable by the [`GroupCommitter`]'s shared flush. (sled's own
+//! transactions re-read every key they write, and its transactions and
+//! atomic batches switch on a global lock that every flush then holds;
+//! BENCHMARKS.md has the measurements.)
 //!
 //! Architecture invariant: everything that must happen once (offset and
 //! sequence assignment, guest code) happens before the batch is applied.
@@ -27,6 +28,7 @@
 pub mod backup;
 pub mod commit;
 mod filter;
+pub mod journal;
 pub mod keys;
 pub mod records;
 mod space;
@@ -38,7 +40,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sled::Tree;
+use journal::Journal;
 use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
@@ -180,13 +182,13 @@ struct Trees {
 }
 
 impl Trees {
-    fn new(tree: &Tree) -> Trees {
+    fn new(journal: &Arc<Journal>) -> Trees {
         let s = |name: &str| {
             let i = SPACE_NAMES
                 .iter()
                 .position(|n| *n == name)
                 .expect("a known space");
-            Space::new(tree.clone(), i as u8 + 1)
+            Space::new(journal.clone(), i as u8 + 1)
         };
         Trees {
             log: s("log"),
@@ -265,8 +267,9 @@ struct Inner {
     /// First, so the fill stops before the database closes.
     _fill: FilterFill,
     db: sled::Db,
-    /// The one tree every record is in (see [`space`]).
-    tree: Tree,
+    /// Orders and applies every write to the one tree every record is in
+    /// (see [`space`], [`journal`]).
+    journal: Arc<Journal>,
     trees: Trees,
     data_file: Option<File>,
     /// Next offset per (topic, partition); held while appending so offsets
@@ -291,13 +294,15 @@ pub struct Ledger {
 /// Crash-safe: the copy is only taken as done once the format key is
 /// durable after it; a copy interrupted before that is redone from the
 /// untouched old trees, which are dropped only afterwards.
-fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Tree> {
+fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Journal>> {
     let has_tree = |name: &str| {
         db.tree_names()
             .iter()
             .any(|n| n.as_ref() == name.as_bytes())
     };
     let tree = db.open_tree(LEDGER_TREE)?;
+    // Before anything reads the tree: finish a batch a crash interrupted.
+    let journal = Journal::open(db, tree.clone(), durable)?;
     match tree.get(FORMAT_KEY)? {
         Some(v) => {
             let format = <[u8; 8]>::try_from(v.as_ref())
@@ -315,18 +320,18 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Tree> 
                 if !has_tree(name) {
                     continue;
                 }
-                let space = Space::new(tree.clone(), i as u8 + 1);
+                let space = Space::new(journal.clone(), i as u8 + 1);
                 let mut writes = Writes::default();
                 for entry in db.open_tree(name)?.iter() {
                     let (k, v) = entry?;
                     writes.insert(&space, &k, v);
                     if writes.len() == 10_000 {
                         copied += writes.len() as u64;
-                        std::mem::take(&mut writes).apply(&tree)?;
+                        std::mem::take(&mut writes).apply(&journal)?;
                     }
                 }
                 copied += writes.len() as u64;
-                writes.apply(&tree)?;
+                writes.apply(&journal)?;
             }
             if copied > 0 {
                 tracing::info!(
@@ -335,7 +340,7 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Tree> 
                 );
             }
             durable()?;
-            tree.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+            journal.single(|t| t.insert(FORMAT_KEY, &FORMAT.to_be_bytes()))?;
             durable()?;
         }
     }
@@ -349,7 +354,7 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Tree> 
     if dropped {
         durable()?;
     }
-    Ok(tree)
+    Ok(journal)
 }
 
 impl Ledger {
@@ -376,8 +381,8 @@ impl Ledger {
             }
             Ok(())
         };
-        let tree = open_layout(&db, &durable)?;
-        let trees = Trees::new(&tree);
+        let journal = open_layout(&db, &durable)?;
+        let trees = Trees::new(&journal);
         let id_floor = match trees.meta.get(ID_FLOOR_KEY)? {
             Some(v) => u64::from_be_bytes(
                 v.as_ref()
@@ -392,7 +397,7 @@ impl Ledger {
             inner: Arc::new(Inner {
                 _fill: fill,
                 db,
-                tree,
+                journal,
                 trees,
                 data_file,
                 next_offsets: Mutex::new(HashMap::new()),
@@ -408,7 +413,7 @@ impl Ledger {
 
     /// Applies `writes` atomically. Not durable until flushed.
     fn apply(&self, writes: Writes) -> Result<()> {
-        Ok(writes.apply(&self.inner.tree)?)
+        writes.apply(&self.inner.journal)
     }
 
     /// Makes every write so far durable: sled flush, then fdatasync.
@@ -826,8 +831,8 @@ impl Ledger {
         Ok((removed, next))
     }
 
-    /// Applies a batch atomically (one sled batch over the state, dedup,
-    /// cursor, dlq, log, outbox, parked and dlq_actions spaces). Not
+    /// Applies a batch atomically (one journaled batch over the state,
+    /// dedup, cursor, dlq, log, outbox, parked and dlq_actions spaces). Not
     /// durable until flushed.
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
         let t = self.trees();

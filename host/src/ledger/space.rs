@@ -1,24 +1,22 @@
 //! Key spaces: the ledger's record kinds (`log`, `state`, `dedup`, …) as
 //! disjoint ranges of ONE sled tree, each under its own leading byte.
 //!
-//! One tree lets a lane's whole batch be written with a single
-//! [`sled::Tree::apply_batch`], which sled applies atomically (recovered
-//! all-or-nothing) — without the re-read of every written key that
-//! `TransactionalTree::insert` performs, and holding sled's process-wide
-//! exclusive lock only while the writes are applied.
-//!
 //! A [`Space`] offers the part of sled's tree API the ledger uses, with keys
 //! given and returned WITHOUT the leading byte, so the encodings in
-//! [`super::keys`] are unchanged.
+//! [`super::keys`] are unchanged. Every write goes through the
+//! [`Journal`], which orders them and makes a [`Writes`] batch atomic.
 
 use std::ops::Bound;
+use std::sync::Arc;
 
 use sled::{IVec, Tree};
+
+use super::journal::{Journal, Op};
 
 /// One record kind's range of the ledger tree.
 #[derive(Clone)]
 pub struct Space {
-    tree: Tree,
+    journal: Arc<Journal>,
     prefix: u8,
 }
 
@@ -26,10 +24,14 @@ pub struct Space {
 pub type Entry = sled::Result<(IVec, IVec)>;
 
 impl Space {
-    /// The space of `tree` under leading byte `prefix` (< 255).
-    pub fn new(tree: Tree, prefix: u8) -> Space {
+    /// The space of the journal's tree under leading byte `prefix` (< 255).
+    pub fn new(journal: Arc<Journal>, prefix: u8) -> Space {
         debug_assert!(prefix < u8::MAX);
-        Space { tree, prefix }
+        Space { journal, prefix }
+    }
+
+    fn tree(&self) -> &Tree {
+        self.journal.tree()
     }
 
     /// `key` with this space's leading byte.
@@ -46,18 +48,20 @@ impl Space {
 
     /// One value.
     pub fn get(&self, key: impl AsRef<[u8]>) -> sled::Result<Option<IVec>> {
-        self.tree.get(self.key(key.as_ref()))
+        self.tree().get(self.key(key.as_ref()))
     }
 
     /// Writes one value (atomic on its own; not durable until flushed).
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl Into<IVec>) -> sled::Result<()> {
-        self.tree.insert(self.key(key.as_ref()), value)?;
+        let key = self.key(key.as_ref());
+        self.journal.single(|t| t.insert(key, value))?;
         Ok(())
     }
 
     /// Removes one value.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> sled::Result<()> {
-        self.tree.remove(self.key(key.as_ref()))?;
+        let key = self.key(key.as_ref());
+        self.journal.single(|t| t.remove(key))?;
         Ok(())
     }
 
@@ -67,17 +71,16 @@ impl Space {
         key: impl AsRef<[u8]>,
         value: impl Into<IVec>,
     ) -> sled::Result<bool> {
-        let swapped = self.tree.compare_and_swap(
-            self.key(key.as_ref()),
-            None as Option<&[u8]>,
-            Some(value),
-        )?;
+        let key = self.key(key.as_ref());
+        let swapped = self
+            .journal
+            .single(|t| t.compare_and_swap(key, None as Option<&[u8]>, Some(value)))?;
         Ok(swapped.is_ok())
     }
 
     /// Every entry whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &[u8]) -> impl DoubleEndedIterator<Item = Entry> {
-        self.tree.scan_prefix(self.key(prefix)).map(Self::strip)
+        self.tree().scan_prefix(self.key(prefix)).map(Self::strip)
     }
 
     /// Every entry of the space, in key order.
@@ -101,7 +104,7 @@ impl Space {
             Some(b) => map(b),
             None => Bound::Excluded(vec![self.prefix + 1]),
         };
-        self.tree.range((map(start), end)).map(Self::strip)
+        self.tree().range((map(start), end)).map(Self::strip)
     }
 
     /// Number of entries (a scan).
@@ -114,21 +117,18 @@ impl Space {
 /// [`Writes::apply`].
 #[derive(Default)]
 pub struct Writes {
-    inner: sled::Batch,
-    len: usize,
+    ops: Vec<Op>,
 }
 
 impl Writes {
     /// Adds a write of `key` in `space`.
     pub fn insert(&mut self, space: &Space, key: &[u8], value: impl Into<IVec>) {
-        self.inner.insert(space.key(key), value);
-        self.len += 1;
+        self.ops.push((space.key(key).into(), Some(value.into())));
     }
 
     /// Adds a removal of `key` in `space`.
     pub fn remove(&mut self, space: &Space, key: &[u8]) {
-        self.inner.remove(space.key(key));
-        self.len += 1;
+        self.ops.push((space.key(key).into(), None));
     }
 
     /// Adds a write (`Some`) or removal (`None`) of `key` in `space`.
@@ -141,20 +141,13 @@ impl Writes {
 
     /// Number of writes added.
     pub fn len(&self) -> usize {
-        self.len
+        self.ops.len()
     }
 
-    /// Whether nothing was added.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Applies every write atomically to `tree` (the tree of the spaces).
-    pub fn apply(self, tree: &Tree) -> sled::Result<()> {
-        if self.is_empty() {
-            return Ok(());
-        }
-        tree.apply_batch(self.inner)
+    /// Applies every write, all-or-nothing across crashes (see
+    /// [`Journal`]). Not durable until flushed.
+    pub fn apply(self, journal: &Journal) -> super::Result<()> {
+        journal.apply(self.ops)
     }
 }
 
@@ -166,10 +159,11 @@ mod tests {
     fn spaces_are_disjoint_and_keys_come_back_without_their_byte() {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let tree = db.open_tree("t").unwrap();
+        let journal = Journal::open(&db, tree, &|| Ok(())).unwrap();
         let (a, b, c) = (
-            Space::new(tree.clone(), 1),
-            Space::new(tree.clone(), 2),
-            Space::new(tree.clone(), 3),
+            Space::new(journal.clone(), 1),
+            Space::new(journal.clone(), 2),
+            Space::new(journal.clone(), 3),
         );
         let mut w = Writes::default();
         for k in [&b"x"[..], b"y", b"z"] {
@@ -179,7 +173,7 @@ mod tests {
         }
         w.remove(&b, b"z");
         assert_eq!(w.len(), 10);
-        w.apply(&tree).unwrap();
+        w.apply(&journal).unwrap();
 
         let keys = |it: &mut dyn Iterator<Item = Entry>| -> Vec<Vec<u8>> {
             it.map(|e| e.unwrap().0.to_vec()).collect()

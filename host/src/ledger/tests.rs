@@ -396,7 +396,8 @@ fn an_interrupted_copy_is_redone_and_old_trees_left_after_it_are_ignored() {
         // format key.
         let db = sled::open(dir.path()).unwrap();
         let tree = db.open_tree(LEDGER_TREE).unwrap();
-        let log = Space::new(tree, 1);
+        let journal = Journal::open(&db, tree, &|| Ok(())).unwrap();
+        let log = Space::new(journal, 1);
         for (k, v) in db.open_tree("log").unwrap().iter().take(40).flatten() {
             log.insert(k, v).unwrap();
         }

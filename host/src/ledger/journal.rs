@@ -1,0 +1,373 @@
+//! The journal: how a batch of writes is applied all-or-nothing WITHOUT
+//! sled's atomic batches.
+//!
+//! sled 0.34 makes `apply_batch` (and transactions) atomic with a
+//! process-wide reader-writer lock that it switches on the first time one
+//! is used; from then on every `flush` holds that lock shared for the
+//! whole log write, so every batch waits for the flush in progress and
+//! every reader queues behind the waiting batch (BENCHMARKS.md, item 8).
+//! The ledger therefore never uses them: every write is a single-key sled
+//! operation (atomic on its own), and a batch of several is made atomic
+//! here:
+//!
+//! 1. the whole batch is written as ONE record to the `journal` tree
+//!    (in chunks of at most [`CHUNK`] bytes, so sled keeps it in its log
+//!    and not in a blob file);
+//! 2. its writes are applied one by one to the ledger tree;
+//! 3. the record is removed.
+//!
+//! All three steps of a batch, and every single write, happen under one
+//! lock, so sled's log holds them in that order with nothing in between.
+//! sled recovers a prefix of its log (recovery stops at the first torn
+//! message), hence after a crash:
+//!
+//! - no record, or an incomplete one (a chunk missing): none of the
+//!   batch's writes survived either (they come after every chunk);
+//! - a complete record: the crash fell between steps 1 and 3, and nothing
+//!   written after the batch survived, so applying the record again
+//!   finishes the batch without overwriting anything newer.
+//!
+//! [`Journal::open`] does exactly that before anything reads the ledger.
+//!
+//! Architecture invariant: every write to the ledger tree goes through
+//! [`Journal::single`] or [`Journal::apply`] (the [`super::space`] types
+//! are the only callers), and no sled batch, transaction or checksum is
+//! ever used on the database.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sled::{IVec, Tree};
+
+use super::{LedgerError, Result};
+
+/// Largest chunk of a journal record (sled stores a value above about a
+/// quarter of its 512 KiB segment in a separate blob file).
+pub const CHUNK: usize = 32 << 10;
+
+/// One write: the full key (space byte included) and the value to store,
+/// or `None` to remove it.
+pub type Op = (IVec, Option<IVec>);
+
+/// Orders every write to the ledger tree and makes batches atomic.
+pub struct Journal {
+    tree: Tree,
+    records: Tree,
+    /// Next record number (records live only while their batch is being
+    /// applied, so numbering restarts at every open).
+    order: Mutex<u64>,
+}
+
+/// Name of the sled tree that holds journal records.
+const JOURNAL_TREE: &str = "journal";
+
+impl Journal {
+    /// Opens the journal of `db` for `tree`, finishing any batch a crash
+    /// interrupted (see the module docs); `durable` flushes `db` to stable
+    /// storage.
+    pub fn open(
+        db: &sled::Db,
+        tree: Tree,
+        durable: &dyn Fn() -> Result<()>,
+    ) -> Result<Arc<Journal>> {
+        let records = db.open_tree(JOURNAL_TREE)?;
+        let journal = Journal {
+            tree,
+            records,
+            order: Mutex::new(0),
+        };
+        journal.recover(durable)?;
+        Ok(Arc::new(journal))
+    }
+
+    /// The ledger tree (for reads).
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    fn lock(&self) -> MutexGuard<'_, u64> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one single-key operation on the ledger tree, in order with
+    /// every other write.
+    pub fn single<R>(&self, op: impl FnOnce(&Tree) -> sled::Result<R>) -> sled::Result<R> {
+        let _order = self.lock();
+        op(&self.tree)
+    }
+
+    /// Applies `ops` to the ledger tree all-or-nothing (across crashes).
+    /// Not durable until the database is flushed.
+    pub fn apply(&self, ops: Vec<Op>) -> Result<()> {
+        match ops.len() {
+            0 => return Ok(()),
+            1 => {
+                let _order = self.lock();
+                return Ok(apply_op(&self.tree, ops.into_iter().next())?);
+            }
+            _ => {}
+        }
+        let record = encode(&ops);
+        let chunks: Vec<&[u8]> = record.chunks(CHUNK).collect();
+        let count = u32::try_from(chunks.len())
+            .map_err(|_| LedgerError::Encode("batch too large for the journal".into()))?;
+        let mut order = self.lock();
+        let seq = *order;
+        *order += 1;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut value = Vec::with_capacity(4 + chunk.len());
+            value.extend_from_slice(&count.to_be_bytes());
+            value.extend_from_slice(chunk);
+            self.records.insert(record_key(seq, i as u32), value)?;
+        }
+        for (i, op) in ops.into_iter().enumerate() {
+            apply_op(&self.tree, Some(op))?;
+            if i == 0 {
+                // Armed: the record and this first write reach the disk,
+                // the rest of the batch does not.
+                crate::crash::point_then("mid-journal", || {
+                    let _ = self.tree.flush();
+                });
+            }
+        }
+        for i in 0..count {
+            self.records.remove(record_key(seq, i))?;
+        }
+        drop(order);
+        Ok(())
+    }
+
+    /// Finishes the batches whose records survived a crash, then removes
+    /// every record.
+    fn recover(&self, durable: &dyn Fn() -> Result<()>) -> Result<()> {
+        // seq -> (announced chunk count, chunks by index)
+        let mut found: BTreeMap<u64, (u32, BTreeMap<u32, IVec>)> = BTreeMap::new();
+        let mut keys = Vec::new();
+        for entry in self.records.iter() {
+            let (k, v) = entry?;
+            let (seq, index) = parse_record_key(&k)
+                .ok_or_else(|| LedgerError::Corrupt("journal record key".into()))?;
+            let count = v
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| LedgerError::Corrupt("journal record chunk".into()))?;
+            found
+                .entry(seq)
+                .or_insert_with(|| (count, BTreeMap::new()))
+                .1
+                .insert(index, v);
+            keys.push(k);
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (mut finished, mut incomplete) = (0usize, 0usize);
+        for (seq, (count, chunks)) in found {
+            let complete = chunks.len() == count as usize && chunks.keys().copied().eq(0..count);
+            if !complete {
+                // Torn while being written: none of its writes survived.
+                incomplete += 1;
+                continue;
+            }
+            let mut record = Vec::new();
+            for chunk in chunks.values() {
+                record.extend_from_slice(&chunk[4..]);
+            }
+            let ops = decode(&record)
+                .ok_or_else(|| LedgerError::Corrupt(format!("journal record {seq}")))?;
+            for op in ops {
+                apply_op(&self.tree, Some(op))?;
+            }
+            finished += 1;
+        }
+        durable()?;
+        for k in keys {
+            self.records.remove(k)?;
+        }
+        durable()?;
+        tracing::info!(
+            finished,
+            incomplete,
+            "ledger: finished the batch a crash interrupted (journal)"
+        );
+        Ok(())
+    }
+
+    /// Journal records present (0 except while a batch is being applied).
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.records.len()
+    }
+}
+
+fn apply_op(tree: &Tree, op: Option<Op>) -> sled::Result<()> {
+    match op {
+        Some((k, Some(v))) => {
+            tree.insert(k, v)?;
+        }
+        Some((k, None)) => {
+            tree.remove(k)?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+fn record_key(seq: u64, index: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&seq.to_be_bytes());
+    k[8..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn parse_record_key(k: &[u8]) -> Option<(u64, u32)> {
+    let seq = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let index = u32::from_be_bytes(k.get(8..12)?.try_into().ok()?);
+    (k.len() == 12).then_some((seq, index))
+}
+
+/// `[tag: 0 remove | 1 insert][key len u32][key]([value len u32][value])`…
+fn encode(ops: &[Op]) -> Vec<u8> {
+    let size: usize = ops
+        .iter()
+        .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, |v| v.len()))
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for (k, v) in ops {
+        out.push(u8::from(v.is_some()));
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        if let Some(v) = v {
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
+fn decode(mut bytes: &[u8]) -> Option<Vec<Op>> {
+    fn take<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let out = bytes.get(4..4 + len)?;
+        *bytes = &bytes[4 + len..];
+        Some(out)
+    }
+    let mut ops = Vec::new();
+    while let Some((&tag, rest)) = bytes.split_first() {
+        bytes = rest;
+        let key = IVec::from(take(&mut bytes)?);
+        let value = match tag {
+            0 => None,
+            1 => Some(IVec::from(take(&mut bytes)?)),
+            _ => return None,
+        };
+        ops.push((key, value));
+    }
+    Some(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(k: &str, v: Option<&str>) -> Op {
+        (
+            IVec::from(k.as_bytes()),
+            v.map(|v| IVec::from(v.as_bytes())),
+        )
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let ops = vec![op("a", Some("1")), op("b", None), op("", Some(""))];
+        assert_eq!(decode(&encode(&ops)), Some(ops));
+        assert_eq!(decode(&[]), Some(vec![]));
+        // Truncated or unknown tags are refused, not misread.
+        let bytes = encode(&[op("key", Some("value"))]);
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode(&[7, 0, 0, 0, 0]), None);
+        assert_eq!(parse_record_key(&record_key(9, 3)), Some((9, 3)));
+        assert_eq!(parse_record_key(&[0; 11]), None);
+    }
+
+    fn fresh() -> (sled::Db, Tree) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        (db, tree)
+    }
+
+    #[test]
+    fn a_batch_is_applied_and_leaves_no_record() {
+        let (db, tree) = fresh();
+        let j = Journal::open(&db, tree.clone(), &|| Ok(())).unwrap();
+        tree.insert("gone", "x").unwrap();
+        let big = "v".repeat(3 * CHUNK);
+        j.apply(vec![
+            op("a", Some("1")),
+            op("gone", None),
+            op("big", Some(&big)),
+        ])
+        .unwrap();
+        assert_eq!(tree.get("a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(tree.get("gone").unwrap(), None);
+        assert_eq!(tree.get("big").unwrap().map(|v| v.len()), Some(big.len()));
+        assert_eq!(j.pending(), 0);
+    }
+
+    /// Writes the record of `ops` (its first `chunks` chunks) as a crash
+    /// after step 1 would leave it.
+    fn leave_record(db: &sled::Db, seq: u64, ops: &[Op], chunks: usize) {
+        let records = db.open_tree(JOURNAL_TREE).unwrap();
+        let record = encode(ops);
+        let all: Vec<&[u8]> = record.chunks(CHUNK).collect();
+        for (i, c) in all.iter().enumerate().take(chunks) {
+            let mut v = (all.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(c);
+            records.insert(record_key(seq, i as u32), v).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_complete_record_is_finished_on_open_and_a_torn_one_dropped() {
+        let (db, tree) = fresh();
+        // Batch 0 was half applied when the crash came.
+        tree.insert("a", "1").unwrap();
+        leave_record(
+            &db,
+            0,
+            &[op("a", Some("1")), op("b", Some("2")), op("c", None)],
+            1,
+        );
+        tree.insert("c", "old").unwrap();
+        // Batch 1's record was torn: two of its three chunks.
+        let big = "w".repeat(2 * CHUNK + 1);
+        leave_record(&db, 1, &[op("d", Some(&big)), op("e", Some("5"))], 2);
+
+        let flushes = std::cell::Cell::new(0);
+        let j = Journal::open(&db, tree.clone(), &|| {
+            flushes.set(flushes.get() + 1);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(tree.get("b").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(tree.get("c").unwrap(), None);
+        assert_eq!(tree.get("d").unwrap(), None);
+        assert_eq!(tree.get("e").unwrap(), None);
+        assert_eq!(j.pending(), 0);
+        // Finished writes are durable before the records go, and the
+        // removal is durable too.
+        assert_eq!(flushes.get(), 2);
+    }
+
+    #[test]
+    fn a_corrupt_complete_record_refuses_the_open() {
+        let (db, tree) = fresh();
+        let records = db.open_tree(JOURNAL_TREE).unwrap();
+        records
+            .insert(record_key(0, 0), &[0, 0, 0, 1, 9, 9][..])
+            .unwrap();
+        let err = Journal::open(&db, tree, &|| Ok(())).err().unwrap();
+        assert!(err.to_string().contains("journal record 0"), "{err}");
+    }
+}
