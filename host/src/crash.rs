@@ -10,8 +10,8 @@
 //! committed), `mid-replay` (a dead letter replayed, not committed),
 //! `mid-deploy` (component and version record stored, not yet activated),
 //! `mid-outbox-relay` (outbox entries published and acknowledged by the
-//! broker, not yet deleted), `mid-journal` (a ledger batch's journal record
-//! and its first write flushed, the rest of the batch not; see
+//! broker, not yet deleted), `mid-commit` (a lane batch's journal record
+//! and all but its last two writes flushed, those not; see
 //! [`crate::ledger::journal`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +26,7 @@ pub const POINTS: &[&str] = &[
     "mid-replay",
     "mid-deploy",
     "mid-outbox-relay",
-    "mid-journal",
+    "mid-commit",
 ];
 
 struct Armed {

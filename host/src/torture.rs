@@ -61,7 +61,7 @@ pub const TORTURE_POINTS: &[&str] = &[
     "after-flush-before-ack",
     "mid-batch",
     "mid-deploy",
-    "mid-journal",
+    "mid-commit",
 ];
 
 const COUNTER_TOPIC: &str = "torture-counter";

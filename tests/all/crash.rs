@@ -106,7 +106,7 @@ async fn crash_points_during_processing_lose_and_repeat_nothing() {
         "mid-batch",
         // A lane batch half applied on disk: the journal must finish it on
         // restart, or the oracle sees a count applied twice or lost.
-        "mid-journal",
+        "mid-commit",
     ] {
         let mut server = Server::start().await;
         server

@@ -837,6 +837,7 @@ impl Ledger {
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
         let t = self.trees();
         let mut writes = Writes::default();
+        writes.crash_point("mid-commit");
         for (h, pk, sk, v) in &batch.state {
             writes.put(&t.state, &keys::state(h, pk, sk), v.as_deref());
         }

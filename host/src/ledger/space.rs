@@ -118,6 +118,7 @@ impl Space {
 #[derive(Default)]
 pub struct Writes {
     ops: Vec<Op>,
+    crash_point: Option<&'static str>,
 }
 
 impl Writes {
@@ -144,10 +145,16 @@ impl Writes {
         self.ops.len()
     }
 
+    /// Names the crash point that, when armed, leaves this batch half
+    /// applied on disk (see [`Journal::apply`]).
+    pub fn crash_point(&mut self, name: &'static str) {
+        self.crash_point = Some(name);
+    }
+
     /// Applies every write, all-or-nothing across crashes (see
     /// [`Journal`]). Not durable until flushed.
     pub fn apply(self, journal: &Journal) -> super::Result<()> {
-        journal.apply(self.ops)
+        journal.apply(self.ops, self.crash_point)
     }
 }
 
