@@ -847,8 +847,7 @@ impl Ledger {
             // the filter (a failed write only leaves a false positive).
             self.inner.dedup_filter.insert(&key);
             // Not read first, although sled then stores new keys in about
-            // twice the disk space (BENCHMARKS.md, item 6): the read takes
-            // sled's lock and multiplied latency at half load.
+            // twice the disk space (BENCHMARKS.md, items 6 and 8).
             writes.insert(&t.dedup, &key, encode(r)?);
         }
         for (h, s, p, n) in &batch.cursors {
