@@ -846,8 +846,8 @@ impl Ledger {
             // Before the write: a key must never be in the ledger and not in
             // the filter (a failed write only leaves a false positive).
             self.inner.dedup_filter.insert(&key);
-            // Not read first, although sled then stores new keys in about
-            // twice the disk space (BENCHMARKS.md, items 6 and 8).
+            // Not read first: it no longer saves disk space (BENCHMARKS.md,
+            // items 6 and 8).
             writes.insert(&t.dedup, &key, encode(r)?);
         }
         for (h, s, p, n) in &batch.cursors {
