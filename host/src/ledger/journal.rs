@@ -29,12 +29,19 @@
 //!
 //! [`Journal::open`] does exactly that before anything reads the ledger.
 //!
+//! A batch that fails half-way in a running process (a sled error after
+//! its record was started) leaves part of it in sled's memory, so from
+//! then on every write and every [`super::Ledger::flush`] is refused: the
+//! group committer stops acknowledging, and a restart completes the batch
+//! from its record (if it reached the disk) or drops it whole (if not).
+//!
 //! Architecture invariant: every write to the ledger tree goes through
 //! [`Journal::single`] or [`Journal::apply`] (the [`super::space`] types
 //! are the only callers), and no sled batch, transaction or checksum is
 //! ever used on the database.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sled::{IVec, Tree};
@@ -56,6 +63,10 @@ pub struct Journal {
     /// Next record number (records live only while their batch is being
     /// applied, so numbering restarts at every open).
     order: Mutex<u64>,
+    /// Set when a batch failed after its record was started: the tree may
+    /// hold part of it, so every later write and flush is refused (only
+    /// reopening, which completes it, is safe).
+    failed: AtomicBool,
 }
 
 /// Name of the sled tree that holds journal records.
@@ -75,6 +86,7 @@ impl Journal {
             tree,
             records,
             order: Mutex::new(0),
+            failed: AtomicBool::new(false),
         };
         journal.recover(durable)?;
         Ok(Arc::new(journal))
@@ -89,11 +101,22 @@ impl Journal {
         self.order.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Refuses when a batch was left half-applied (see [`Journal::apply`]).
+    pub fn check(&self) -> Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(LedgerError::Interrupted(
+                "a write of the batch failed".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Runs one single-key operation on the ledger tree, in order with
     /// every other write.
-    pub fn single<R>(&self, op: impl FnOnce(&Tree) -> sled::Result<R>) -> sled::Result<R> {
+    pub fn single<R>(&self, op: impl FnOnce(&Tree) -> sled::Result<R>) -> Result<R> {
         let _order = self.lock();
-        op(&self.tree)
+        self.check()?;
+        Ok(op(&self.tree)?)
     }
 
     /// Applies `ops` to the ledger tree all-or-nothing (across crashes).
@@ -103,10 +126,7 @@ impl Journal {
     pub fn apply(&self, ops: Vec<Op>, point: Option<&str>) -> Result<()> {
         match ops.len() {
             0 => return Ok(()),
-            1 => {
-                let _order = self.lock();
-                return Ok(apply_op(&self.tree, ops.into_iter().next())?);
-            }
+            1 => return self.single(|t| apply_op(t, ops.into_iter().next())),
             _ => {}
         }
         let record = encode(&ops);
@@ -114,8 +134,26 @@ impl Journal {
         let count = u32::try_from(chunks.len())
             .map_err(|_| LedgerError::Encode("batch too large for the journal".into()))?;
         let mut order = self.lock();
+        self.check()?;
         let seq = *order;
         *order += 1;
+        let result = self.write_batch(seq, &chunks, count, ops, point);
+        if result.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        drop(order);
+        result
+    }
+
+    /// Steps 1–3 of a batch (under the ordering lock).
+    fn write_batch(
+        &self,
+        seq: u64,
+        chunks: &[&[u8]],
+        count: u32,
+        ops: Vec<Op>,
+        point: Option<&str>,
+    ) -> Result<()> {
         for (i, chunk) in chunks.iter().enumerate() {
             let mut value = Vec::with_capacity(4 + chunk.len());
             value.extend_from_slice(&count.to_be_bytes());
@@ -137,7 +175,6 @@ impl Journal {
         for i in 0..count {
             self.records.remove(record_key(seq, i))?;
         }
-        drop(order);
         Ok(())
     }
 
@@ -360,6 +397,23 @@ mod tests {
         // Finished writes are durable before the records go, and the
         // removal is durable too.
         assert_eq!(flushes.get(), 2);
+    }
+
+    #[test]
+    fn after_a_batch_failed_half_way_every_write_and_check_is_refused() {
+        let (db, tree) = fresh();
+        let j = Journal::open(&db, tree.clone(), &|| Ok(())).unwrap();
+        assert!(j.check().is_ok());
+        // What a failed write inside `write_batch` leaves behind.
+        j.failed.store(true, Ordering::SeqCst);
+        let refused = |r: Result<()>| matches!(r, Err(LedgerError::Interrupted(_)));
+        assert!(refused(j.check()));
+        assert!(refused(j.single(|t| t.insert("a", "1").map(|_| ()))));
+        assert!(refused(
+            j.apply(vec![op("b", Some("2")), op("c", None)], None)
+        ));
+        assert!(refused(j.apply(vec![op("d", Some("4"))], None)));
+        assert_eq!(tree.len(), 0);
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub enum LedgerError {
     /// A previous flush failed; nothing more is acknowledged.
     #[error("ledger is not durable (a flush failed: {0}); restart the host")]
     NotDurable(String),
+    /// A batch failed half-way; nothing more is written or flushed until a
+    /// restart completes it from the journal.
+    #[error("a ledger batch was left half-applied ({0}); restart the host (the batch is completed on open)")]
+    Interrupted(String),
 }
 
 /// Result alias.
@@ -418,6 +422,8 @@ impl Ledger {
 
     /// Makes every write so far durable: sled flush, then fdatasync.
     pub fn flush(&self) -> Result<()> {
+        // Never make a half-applied batch durable as if it were whole.
+        self.inner.journal.check()?;
         self.inner.db.flush()?;
         if let Some(f) = &self.inner.data_file {
             f.sync_data()?;

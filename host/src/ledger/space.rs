@@ -52,14 +52,14 @@ impl Space {
     }
 
     /// Writes one value (atomic on its own; not durable until flushed).
-    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl Into<IVec>) -> sled::Result<()> {
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl Into<IVec>) -> super::Result<()> {
         let key = self.key(key.as_ref());
         self.journal.single(|t| t.insert(key, value))?;
         Ok(())
     }
 
     /// Removes one value.
-    pub fn remove(&self, key: impl AsRef<[u8]>) -> sled::Result<()> {
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> super::Result<()> {
         let key = self.key(key.as_ref());
         self.journal.single(|t| t.remove(key))?;
         Ok(())
@@ -70,7 +70,7 @@ impl Space {
         &self,
         key: impl AsRef<[u8]>,
         value: impl Into<IVec>,
-    ) -> sled::Result<bool> {
+    ) -> super::Result<bool> {
         let key = self.key(key.as_ref());
         let swapped = self
             .journal
