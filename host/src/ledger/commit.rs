@@ -9,7 +9,8 @@
 //! started after the write returned. Tickets are issued after the write is
 //! applied, and the flusher reads the highest ticket before it flushes.
 //!
-//! Architecture invariant: after a failed flush the committer is failed for
+//! Architecture invariant: after a failed flush (or a batch left
+//! half-applied, [`LedgerError::Interrupted`]) the committer is failed for
 //! good: every waiter, now and later, gets an error; the host stops
 //! acknowledging and must be restarted (recovery replays from the ledger).
 
@@ -75,7 +76,10 @@ impl GroupCommitter {
     pub fn commit(&self, batch: &CommitBatch) -> Result<u64, LedgerError> {
         self.check()?;
         let start = std::time::Instant::now();
-        self.inner.storage.commit(batch)?;
+        self.inner
+            .storage
+            .commit(batch)
+            .inspect_err(|e| self.fail_if_interrupted(e))?;
         self.inner
             .commit_seconds
             .observe(start.elapsed().as_secs_f64());
@@ -91,9 +95,22 @@ impl GroupCommitter {
         items: &[(u32, Envelope)],
     ) -> Result<(Vec<u64>, u64), LedgerError> {
         self.check()?;
-        let offsets = self.inner.storage.append(topic, items)?;
+        let offsets = self
+            .inner
+            .storage
+            .append(topic, items)
+            .inspect_err(|e| self.fail_if_interrupted(e))?;
         crate::crash::point("after-append-before-flush");
         Ok((offsets, self.issue()))
+    }
+
+    /// A batch left half-applied fails the committer for good, as a failed
+    /// flush does (nothing applied after it may be acknowledged).
+    fn fail_if_interrupted(&self, e: &LedgerError) {
+        if let LedgerError::Interrupted(_) = e {
+            tracing::error!(error = %e, "ledger write FAILED half-way: no further writes will be acknowledged; restart the host");
+            let _ = self.inner.durable.send_replace(Err(e.to_string()));
+        }
     }
 
     fn check(&self) -> Result<(), LedgerError> {

@@ -317,6 +317,39 @@ async fn a_failed_flush_is_never_reported_durable_and_stops_the_committer() {
     assert!(committer.wait_durable(ticket + 1).await.is_err());
 }
 
+/// A storage whose commits fail half-way (the journal refused them).
+struct HalfApplied(Ledger);
+
+impl Storage for HalfApplied {
+    fn commit(&self, _: &CommitBatch) -> Result<()> {
+        Err(LedgerError::Interrupted("test".into()))
+    }
+    fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
+        self.0.append_batch(topic, items)
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_applied_batch_stops_the_committer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    let committer = GroupCommitter::start(Arc::new(HalfApplied(ledger)));
+    let c = committer.clone();
+    let (failed, refused) = tokio::task::spawn_blocking(move || {
+        let failed = c.commit(&CommitBatch::default());
+        (failed, c.append("t", &[(0, env("k", "after"))]))
+    })
+    .await
+    .unwrap();
+    assert!(matches!(failed, Err(LedgerError::Interrupted(_))));
+    assert!(committer.failed());
+    // Appends would succeed on the storage, but nothing is accepted now.
+    assert!(matches!(refused, Err(LedgerError::NotDurable(_))));
+}
+
 /// Writes a data directory in the first layout (one sled tree per record
 /// kind), as ordo before format 2 did.
 fn write_first_layout(dir: &Path, log_messages: u64) {
