@@ -361,14 +361,34 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
     Ok(journal)
 }
 
+/// Opens the sled database in `dir`. sled locks its data file; a ledger
+/// closed just before in this process may keep the lock for a moment
+/// (sled's background threads drop their file handles asynchronously), so
+/// a held lock is retried for up to 5 s before it is reported.
+fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 << 20)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger in `dir`.
     pub fn open(dir: &Path) -> Result<Ledger> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(256 << 20)
-            .open()?;
+        let db = open_db(dir)?;
         let data_file = File::open(dir.join("db")).ok();
         if let Some(parent) = dir.parent() {
             if let Ok(d) = File::open(parent) {

@@ -353,7 +353,7 @@ async fn a_half_applied_batch_stops_the_committer() {
 /// Writes a data directory in the first layout (one sled tree per record
 /// kind), as ordo before format 2 did.
 fn write_first_layout(dir: &Path, log_messages: u64) {
-    let db = sled::open(dir).unwrap();
+    let db = open_db(dir).unwrap();
     db.open_tree("state")
         .unwrap()
         .insert(keys::state("h", "k", "a"), b"1".to_vec())
@@ -376,7 +376,7 @@ fn write_first_layout(dir: &Path, log_messages: u64) {
 }
 
 fn tree_names(dir: &Path) -> Vec<String> {
-    let db = sled::open(dir).unwrap();
+    let db = open_db(dir).unwrap();
     db.tree_names()
         .iter()
         .map(|n| String::from_utf8_lossy(n).into_owned())
@@ -427,7 +427,7 @@ fn an_interrupted_copy_is_redone_and_old_trees_left_after_it_are_ignored() {
     {
         // A copy that stopped half-way: some records in the ledger tree, no
         // format key.
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path()).unwrap();
         let tree = db.open_tree(LEDGER_TREE).unwrap();
         let journal = Journal::open(&db, tree, &|| Ok(())).unwrap();
         let log = Space::new(journal, 1);
@@ -443,7 +443,7 @@ fn an_interrupted_copy_is_redone_and_old_trees_left_after_it_are_ignored() {
     {
         // A copy that finished but stopped before dropping the old trees:
         // what they hold is stale and must not be read or copied again.
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path()).unwrap();
         db.open_tree("state")
             .unwrap()
             .insert(keys::state("h", "k", "a"), b"stale".to_vec())
@@ -461,7 +461,7 @@ fn a_ledger_of_a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(Ledger::open(dir.path()).unwrap());
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path()).unwrap();
         db.open_tree(LEDGER_TREE)
             .unwrap()
             .insert(FORMAT_KEY, &(FORMAT + 1).to_be_bytes())
