@@ -305,19 +305,26 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
             .any(|n| n.as_ref() == name.as_bytes())
     };
     let tree = db.open_tree(LEDGER_TREE)?;
-    // Before anything reads the tree: finish a batch a crash interrupted.
-    let journal = Journal::open(db, tree.clone(), durable)?;
-    match tree.get(FORMAT_KEY)? {
-        Some(v) => {
-            let format = <[u8; 8]>::try_from(v.as_ref())
+    // The format key is never part of a batch, so it is read before the
+    // journal touches anything: a newer ordo's directory is left as it is.
+    let format = match tree.get(FORMAT_KEY)? {
+        Some(v) => Some(
+            <[u8; 8]>::try_from(v.as_ref())
                 .map(u64::from_be_bytes)
-                .map_err(|_| LedgerError::Corrupt("ledger format key".into()))?;
-            if format > FORMAT {
-                return Err(LedgerError::Corrupt(format!(
-                    "ledger format {format} was written by a newer ordo (this one reads up to {FORMAT})"
-                )));
-            }
-        }
+                .map_err(|_| LedgerError::Corrupt("ledger format key".into()))?,
+        ),
+        None => None,
+    };
+    if let Some(format) = format.filter(|f| *f > FORMAT) {
+        return Err(LedgerError::Corrupt(format!(
+            "ledger format {format} was written by a newer ordo (this one reads up to {FORMAT})"
+        )));
+    }
+    // Before anything else reads the tree: finish a batch a crash
+    // interrupted.
+    let journal = Journal::open(db, tree.clone(), durable)?;
+    match format {
+        Some(_) => {}
         None => {
             let mut copied = 0u64;
             for (i, name) in SPACE_NAMES.iter().enumerate() {

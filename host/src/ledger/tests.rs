@@ -466,12 +466,19 @@ fn a_ledger_of_a_newer_format_is_refused() {
             .unwrap()
             .insert(FORMAT_KEY, &(FORMAT + 1).to_be_bytes())
             .unwrap();
+        // Whatever that ordo keeps in its journal is not ours to apply.
+        db.open_tree("journal")
+            .unwrap()
+            .insert(b"not ours", b"x".to_vec())
+            .unwrap();
         db.flush().unwrap();
     }
     let err = Ledger::open(dir.path())
         .err()
         .expect("a newer format is refused");
     assert!(err.to_string().contains("newer ordo"), "{err}");
+    let db = open_db(dir.path()).unwrap();
+    assert_eq!(db.open_tree("journal").unwrap().len(), 1);
 }
 
 #[test]
