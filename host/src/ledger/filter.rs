@@ -5,9 +5,9 @@
 //! Why: a sled read walks the tree (and, while sled's atomic batches were
 //! used, took a process-wide lock a committing batch held exclusively);
 //! with many lanes the per-message idempotency lookup was the main place
-//! lanes queued behind each other (measured: BENCHMARKS.md). A negative answer from the filter is exact; a
-//! positive one (a duplicate, or about 0.1 % false positives) falls through
-//! to the ledger.
+//! lanes queued behind each other (measured: BENCHMARKS.md). A negative
+//! answer from the filter is exact; a positive one (a duplicate, or about
+//! 0.1 % false positives) falls through to the ledger.
 //!
 //! Architecture invariant: every idempotency key written to the ledger is
 //! inserted here before the write is applied (by [`super::Ledger::commit`]

@@ -126,7 +126,7 @@ impl Journal {
     pub fn apply(&self, ops: Vec<Op>, point: Option<&str>) -> Result<()> {
         match ops.len() {
             0 => return Ok(()),
-            1 => return self.single(|t| apply_op(t, ops.into_iter().next())),
+            1 => return self.single(|t| ops.into_iter().try_for_each(|op| apply_op(t, op))),
             _ => {}
         }
         let record = encode(&ops);
@@ -165,7 +165,7 @@ impl Journal {
         // what makes the loss of the rest visible).
         let stop = ops.len().saturating_sub(2).max(1);
         for (i, op) in ops.into_iter().enumerate() {
-            apply_op(&self.tree, Some(op))?;
+            apply_op(&self.tree, op)?;
             if let (true, Some(point)) = (i + 1 == stop, point) {
                 crate::crash::point_then(point, || {
                     let _ = self.tree.flush();
@@ -218,9 +218,7 @@ impl Journal {
             let ops = decode(&record)
                 .ok_or_else(|| LedgerError::Corrupt(format!("journal record {seq}")))?;
             for op in ops {
-                if std::env::var_os("NEGATIVE").is_none() {
-                    apply_op(&self.tree, Some(op))?;
-                }
+                apply_op(&self.tree, op)?;
             }
             finished += 1;
         }
@@ -244,16 +242,11 @@ impl Journal {
     }
 }
 
-fn apply_op(tree: &Tree, op: Option<Op>) -> sled::Result<()> {
-    match op {
-        Some((k, Some(v))) => {
-            tree.insert(k, v)?;
-        }
-        Some((k, None)) => {
-            tree.remove(k)?;
-        }
-        None => {}
-    }
+fn apply_op(tree: &Tree, (key, value): Op) -> sled::Result<()> {
+    match value {
+        Some(v) => tree.insert(key, v)?,
+        None => tree.remove(key)?,
+    };
     Ok(())
 }
 

@@ -323,37 +323,34 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
     // Before anything else reads the tree: finish a batch a crash
     // interrupted.
     let journal = Journal::open(db, tree.clone(), durable)?;
-    match format {
-        Some(_) => {}
-        None => {
-            let mut copied = 0u64;
-            for (i, name) in SPACE_NAMES.iter().enumerate() {
-                if !has_tree(name) {
-                    continue;
-                }
-                let space = Space::new(journal.clone(), i as u8 + 1);
-                let mut writes = Writes::default();
-                for entry in db.open_tree(name)?.iter() {
-                    let (k, v) = entry?;
-                    writes.insert(&space, &k, v);
-                    if writes.len() == 10_000 {
-                        copied += writes.len() as u64;
-                        std::mem::take(&mut writes).apply(&journal)?;
-                    }
-                }
-                copied += writes.len() as u64;
-                writes.apply(&journal)?;
+    if format.is_none() {
+        let mut copied = 0u64;
+        for (i, name) in SPACE_NAMES.iter().enumerate() {
+            if !has_tree(name) {
+                continue;
             }
-            if copied > 0 {
-                tracing::info!(
-                    records = copied,
-                    "ledger copied into the single-tree layout (format {FORMAT})"
-                );
+            let space = Space::new(journal.clone(), i as u8 + 1);
+            let mut writes = Writes::default();
+            for entry in db.open_tree(name)?.iter() {
+                let (k, v) = entry?;
+                writes.insert(&space, &k, v);
+                if writes.len() == 10_000 {
+                    copied += writes.len() as u64;
+                    std::mem::take(&mut writes).apply(&journal)?;
+                }
             }
-            durable()?;
-            journal.single(|t| t.insert(FORMAT_KEY, &FORMAT.to_be_bytes()))?;
-            durable()?;
+            copied += writes.len() as u64;
+            writes.apply(&journal)?;
         }
+        if copied > 0 {
+            tracing::info!(
+                records = copied,
+                "ledger copied into the single-tree layout (format {FORMAT})"
+            );
+        }
+        durable()?;
+        journal.single(|t| t.insert(FORMAT_KEY, &FORMAT.to_be_bytes()))?;
+        durable()?;
     }
     let mut dropped = false;
     for name in SPACE_NAMES {
