@@ -732,7 +732,7 @@ fn ledger_command(command: LedgerCommand) -> anyhow::Result<()> {
         }
         LedgerCommand::Export { data_dir, output } => {
             let ledger = open_ledger(&data_dir, true)?;
-            let progress = bar(ledger.record_count());
+            let progress = bar(ledger.record_count()?);
             progress.set_message("exporting");
             let file = std::fs::File::create(&output)
                 .with_context(|| format!("creating {}", output.display()))?;

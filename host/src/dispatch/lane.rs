@@ -27,7 +27,7 @@ use tokio::sync::{watch, Semaphore};
 use super::stats::{BatchCounts, HandlerStats};
 use crate::ledger::{
     now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
-    GroupCommitter, Ledger, OnFailure, OutboxEntry, ParkedKey,
+    GroupCommitter, Ledger, OnFailure, OutboxEntry, ParkedKey, StateMap,
 };
 use crate::runtime::{
     Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, StateAccess,
@@ -471,12 +471,13 @@ struct BatchOutcome {
     retry: Option<RetryState>,
 }
 
-/// A lane's cache of its keys' committed state. Coherent because the lane
-/// is the only writer of its partition keys' state: it is filled on reads
-/// and updated with every transaction the lane applies. Bounded: cleared
-/// when it holds more than `max_keys` partition keys.
+/// A lane's cache of its keys' committed state (each key's whole record).
+/// Coherent because the lane is the only writer of its partition keys'
+/// state: it is filled on reads and updated with every transaction the lane
+/// applies. Bounded: cleared when it holds more than `max_keys` partition
+/// keys.
 pub(crate) struct StateCache {
-    keys: HashMap<String, HashMap<String, Option<Vec<u8>>>>,
+    keys: HashMap<String, StateMap>,
     max_keys: usize,
 }
 
@@ -490,18 +491,30 @@ impl StateCache {
         }))
     }
 
+    /// One state value, if the key's record is cached.
     fn get(&self, partition_key: &str, state_key: &str) -> Option<Option<Vec<u8>>> {
-        self.keys.get(partition_key)?.get(state_key).cloned()
+        Some(self.keys.get(partition_key)?.get(state_key).cloned())
     }
 
-    fn put(&mut self, partition_key: &str, state_key: &str, value: Option<Vec<u8>>) {
-        if !self.keys.contains_key(partition_key) && self.keys.len() >= self.max_keys {
+    /// The key's record, taken out of the cache (read from the ledger when
+    /// not cached).
+    fn take(
+        &mut self,
+        ledger: &Ledger,
+        handler: &str,
+        partition_key: &str,
+    ) -> anyhow::Result<StateMap> {
+        match self.keys.remove(partition_key) {
+            Some(map) => Ok(map),
+            None => Ok(ledger.state_record(handler, partition_key)?),
+        }
+    }
+
+    fn put(&mut self, partition_key: String, record: StateMap) {
+        if !self.keys.contains_key(&partition_key) && self.keys.len() >= self.max_keys {
             self.keys.clear();
         }
-        self.keys
-            .entry(partition_key.to_string())
-            .or_default()
-            .insert(state_key.to_string(), value);
+        self.keys.insert(partition_key, record);
     }
 }
 
@@ -524,13 +537,13 @@ impl StateAccess for BatchState {
         if let Some(v) = self.pending.get(key) {
             return Ok(v.clone());
         }
-        if let Some(v) = lock(&self.cache).get(&self.partition_key, key) {
+        let mut cache = lock(&self.cache);
+        if let Some(v) = cache.get(&self.partition_key, key) {
             return Ok(v);
         }
-        let value = self
-            .ledger
-            .state_get(&self.handler, &self.partition_key, key)?;
-        lock(&self.cache).put(&self.partition_key, key, value.clone());
+        let record = cache.take(&self.ledger, &self.handler, &self.partition_key)?;
+        let value = record.get(key).cloned();
+        cache.put(self.partition_key.clone(), record);
         Ok(value)
     }
 
@@ -737,11 +750,24 @@ impl<'a> Builder<'a> {
     fn finish(mut self, next_cursor: Option<u64>) -> anyhow::Result<BatchOutcome> {
         let ctx = self.lane.ctx;
         let handler = ctx.handler.to_string();
-        for (partition_key, writes) in std::mem::take(&mut self.pending) {
-            for (state_key, value) in writes {
+        {
+            // Each written key's new record: its committed one (taken out of
+            // the cache, put back below once applied) with the writes on top.
+            let mut cache = lock(self.lane.cache);
+            for (partition_key, writes) in std::mem::take(&mut self.pending) {
+                if writes.is_empty() {
+                    continue;
+                }
+                let mut record = cache.take(&ctx.ledger, &handler, &partition_key)?;
+                for (state_key, value) in writes {
+                    match value {
+                        Some(v) => record.insert(state_key, v),
+                        None => record.remove(&state_key),
+                    };
+                }
                 self.batch
                     .state
-                    .push((handler.clone(), partition_key.clone(), state_key, value));
+                    .push((handler.clone(), partition_key, record));
             }
         }
         if let Some(next) = next_cursor {
@@ -764,8 +790,8 @@ impl<'a> Builder<'a> {
             // Applied: the lane's cache follows (if the flush fails, the
             // committer refuses everything and the lane stops).
             let mut cache = lock(self.lane.cache);
-            for (_, partition_key, state_key, value) in &self.batch.state {
-                cache.put(partition_key, state_key, value.clone());
+            for (_, partition_key, record) in std::mem::take(&mut self.batch.state) {
+                cache.put(partition_key, record);
             }
         }
         self.outcome.next_cursor = next_cursor;

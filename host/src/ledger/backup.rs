@@ -5,7 +5,10 @@
 //! `{"format": "ordo-ledger-export", "version": 1, "records": N}`; then one
 //! line per record `{"tree": NAME, "key": BASE64, "value": BASE64}`, tree by
 //! tree. Values are the ledger's own versioned record encodings, so a newer
-//! ordo can import an older export.
+//! ordo can import an older export. State is listed one line per state key
+//! (key: handler, partition key, state key; value: the raw bytes), whatever
+//! the ledger layout, and the import gathers each partition key's lines
+//! into its record.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -15,7 +18,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyReader};
-use super::records::decode;
+use super::records::{decode, decode_state, encode_state};
 use super::{
     AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
     Ledger, LedgerError, ParkedKey, Result, TopicConfig,
@@ -56,10 +59,43 @@ fn show_key(key: &[u8]) -> String {
         .collect()
 }
 
+/// Receives (tree, key, value) of each export record.
+type ExportSink<'a> = dyn FnMut(&'static str, &[u8], &[u8]) -> Result<()> + 'a;
+
 impl Ledger {
-    /// Total records in every tree.
-    pub fn record_count(&self) -> u64 {
-        self.named_trees().iter().map(|(_, t)| t.len() as u64).sum()
+    /// Calls `f` with (tree, key, value) of every export record, in export
+    /// order: a state record is listed as one entry per state key.
+    fn each_export_record(&self, f: &mut ExportSink<'_>) -> Result<()> {
+        for (name, tree) in self.named_trees() {
+            for entry in tree.iter() {
+                let (k, v) = entry?;
+                if name != "state" {
+                    f(name, &k, &v)?;
+                    continue;
+                }
+                let (handler, partition_key) = keys::parse_state(&k).ok_or_else(|| {
+                    LedgerError::Corrupt(format!("state [{}]: key does not decode", show_key(&k)))
+                })?;
+                for (state_key, value) in decode_state(&v)? {
+                    f(
+                        name,
+                        &keys::state_entry(handler, partition_key, &state_key),
+                        &value,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an export holds (state: one per state key).
+    pub fn record_count(&self) -> Result<u64> {
+        let mut n = 0u64;
+        self.each_export_record(&mut |_, _, _| {
+            n += 1;
+            Ok(())
+        })?;
+        Ok(n)
     }
 
     /// Writes every record to `out` (see the module docs); `progress` gets
@@ -68,26 +104,24 @@ impl Ledger {
         let header = Header {
             format: EXPORT_FORMAT.into(),
             version: EXPORT_VERSION,
-            records: self.record_count(),
+            records: self.record_count()?,
         };
         let json = |v: &dyn erased_line::Line| v.line();
         writeln!(out, "{}", json(&header)?)?;
         let mut n = 0u64;
-        for (name, tree) in self.named_trees() {
-            for entry in tree.iter() {
-                let (k, v) = entry?;
-                let line = Line {
-                    tree: name.to_string(),
-                    key: B64.encode(&k),
-                    value: B64.encode(&v),
-                };
-                writeln!(out, "{}", json(&line)?)?;
-                n += 1;
-                if n % 1000 == 0 {
-                    progress(n);
-                }
+        self.each_export_record(&mut |name, k, v| {
+            let line = Line {
+                tree: name.to_string(),
+                key: B64.encode(k),
+                value: B64.encode(v),
+            };
+            writeln!(out, "{}", json(&line)?)?;
+            n += 1;
+            if n % 1000 == 0 {
+                progress(n);
             }
-        }
+            Ok(())
+        })?;
         out.flush()?;
         progress(n);
         Ok(n)
@@ -96,7 +130,11 @@ impl Ledger {
     /// Loads an export into this ledger, which must be empty. Flushes at
     /// the end. Returns the number of records imported.
     pub fn import(&self, input: &mut dyn BufRead, progress: &dyn Fn(u64, u64)) -> Result<u64> {
-        if self.record_count() > 0 {
+        if self
+            .named_trees()
+            .iter()
+            .any(|(_, t)| t.iter().next().is_some())
+        {
             return Err(LedgerError::Corrupt(
                 "import needs an empty data directory".into(),
             ));
@@ -144,7 +182,20 @@ impl Ledger {
             if rec.tree == "dedup" {
                 self.note_dedup_key(&key);
             }
-            tree.insert(key, value)?;
+            if rec.tree == "state" {
+                // One line per state key: gathered into the key's record.
+                let (handler, partition_key, state_key) = keys::parse_state_entry(&key)
+                    .ok_or_else(|| {
+                        LedgerError::Corrupt(format!(
+                            "line {at}: state key is not (handler, partition key, state key)"
+                        ))
+                    })?;
+                let mut record = self.state_record(handler, partition_key)?;
+                record.insert(state_key.to_string(), value);
+                tree.insert(keys::state(handler, partition_key), encode_state(&record))?;
+            } else {
+                tree.insert(key, value)?;
+            }
             n += 1;
             if n % 1000 == 0 {
                 progress(n, header.records);
@@ -189,6 +240,15 @@ impl Ledger {
             Ok(out)
         }
         let _log: Vec<(Vec<u8>, Envelope)> = each(&t.log, "log", "log entry", p)?;
+        for entry in t.state.iter() {
+            let (k, v) = entry?;
+            if keys::parse_state(&k).is_none() {
+                p.push(format!("state [{}]: key does not decode", show_key(&k)));
+            }
+            if let Err(e) = decode_state(&v) {
+                p.push(format!("state [{}]: {e}", show_key(&k)));
+            }
+        }
         let _dedup: Vec<(Vec<u8>, DedupRecord)> = each(&t.dedup, "dedup", "dedup record", p)?;
         let dlq: Vec<(Vec<u8>, DeadLetter)> = each(&t.dlq, "dlq", "dead letter", p)?;
         let parked: Vec<(Vec<u8>, ParkedKey)> = each(&t.parked, "parked", "parked key", p)?;

@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | 1 | `log` | str topic, u32 partition, u64 offset |
 //! | 2 | `cursor` | str handler, str source, u32 partition |
-//! | 3 | `state` | str handler, str partition key, str state key |
+//! | 3 | `state` | str handler, str partition key (one record per key: every state key and value; up to format 2 one entry per state key: + str state key) |
 //! | 4 | `dedup` | str handler, str idempotency key |
 //! | 5 | `outbox` | u64 sequence |
 //! | 6 | `dlq` | str handler, u64 sequence |
@@ -82,6 +82,17 @@ impl<'a> KeyReader<'a> {
         std::str::from_utf8(self.take(len)?).ok()
     }
 
+    /// Reads a length-prefixed byte string.
+    pub fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize;
+        self.take(len)
+    }
+
+    /// Whether everything has been read.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Reads a big-endian u32.
     pub fn u32(&mut self) -> Option<u32> {
         Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
@@ -108,8 +119,21 @@ pub fn cursor(handler: &str, source: &str, partition: u32) -> Vec<u8> {
     KeyBuf::new().str(handler).str(source).u32(partition).done()
 }
 
-/// `state` key.
-pub fn state(handler: &str, partition_key: &str, state_key: &str) -> Vec<u8> {
+/// `state` key: the record holding all of one partition key's state.
+pub fn state(handler: &str, partition_key: &str) -> Vec<u8> {
+    KeyBuf::new().str(handler).str(partition_key).done()
+}
+
+/// (handler, partition key) of a `state` record key.
+pub fn parse_state(key: &[u8]) -> Option<(&str, &str)> {
+    let mut r = KeyReader::new(key);
+    let parsed = (r.str()?, r.str()?);
+    r.is_empty().then_some(parsed)
+}
+
+/// Key of ONE state value: how format 2 stored state, and how exports
+/// list it (one line per state key, whatever the layout).
+pub fn state_entry(handler: &str, partition_key: &str, state_key: &str) -> Vec<u8> {
     KeyBuf::new()
         .str(handler)
         .str(partition_key)
@@ -117,9 +141,12 @@ pub fn state(handler: &str, partition_key: &str, state_key: &str) -> Vec<u8> {
         .done()
 }
 
-/// Prefix of one partition key's `state` keys.
-pub fn state_prefix(handler: &str, partition_key: &str) -> Vec<u8> {
-    KeyBuf::new().str(handler).str(partition_key).done()
+/// (handler, partition key, state key) of a [`state_entry`] key. Never
+/// matches a [`state`] record key (it has one string fewer).
+pub fn parse_state_entry(key: &[u8]) -> Option<(&str, &str, &str)> {
+    let mut r = KeyReader::new(key);
+    let parsed = (r.str()?, r.str()?, r.str()?);
+    r.is_empty().then_some(parsed)
 }
 
 /// `dedup` key.
@@ -226,7 +253,14 @@ mod tests {
     fn prefixes_do_not_collide() {
         assert!(!dlq("ab", 1).starts_with(&handler_prefix("a")));
         assert!(dlq("a", 1).starts_with(&handler_prefix("a")));
-        assert_ne!(state("a", "bc", "d"), state("ab", "c", "d"));
+        assert_ne!(state_entry("a", "bc", "d"), state_entry("ab", "c", "d"));
+        assert_ne!(state("a", "bc"), state("ab", "c"));
+        // The two state key forms are told apart by their shape.
+        let entry = state_entry("h", "k", "count");
+        assert_eq!(parse_state_entry(&entry), Some(("h", "k", "count")));
+        assert_eq!(parse_state(&entry), None);
+        assert_eq!(parse_state(&state("h", "k")), Some(("h", "k")));
+        assert_eq!(parse_state_entry(&state("h", "k")), None);
         assert_ne!(dedup("a", "b"), dedup("ab", ""));
     }
 }

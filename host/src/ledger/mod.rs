@@ -44,10 +44,11 @@ use journal::Journal;
 use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
-use records::{decode, encode};
+use records::{decode, decode_state, encode, encode_state};
 pub use records::{
     AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
-    HandlerControl, HandlerVersion, OnFailure, OutboxEntry, ParkedKey, RetryPolicy, TopicConfig,
+    HandlerControl, HandlerVersion, OnFailure, OutboxEntry, ParkedKey, RetryPolicy, StateMap,
+    TopicConfig,
 };
 
 /// Ledger errors.
@@ -88,8 +89,9 @@ pub fn now_ms() -> u64 {
 /// Everything one lane batch commits, applied in one transaction.
 #[derive(Debug, Default, Clone)]
 pub struct CommitBatch {
-    /// (handler, partition key, state key, value); `None` deletes.
-    pub state: Vec<(String, String, String, Option<Vec<u8>>)>,
+    /// (handler, partition key, the key's whole new state); an empty map
+    /// removes the key's record.
+    pub state: Vec<(String, String, StateMap)>,
     /// (handler, idempotency key, record).
     pub dedup: Vec<(String, String, DedupRecord)>,
     /// (handler, source, partition, next offset).
@@ -167,8 +169,20 @@ const LEDGER_TREE: &str = "ledger";
 /// every space).
 const FORMAT_KEY: &[u8] = b"\0format";
 /// Layout version written. 1 (never recorded) was one sled tree per record
-/// kind; 2 is one tree with a leading byte per record kind.
-const FORMAT: u64 = 2;
+/// kind; 2 is one tree with a leading byte per record kind; 3 keeps a
+/// partition key's whole state in one `state` record (2 had one entry per
+/// state key) and may leave a batch in the `journal` tree after a crash
+/// (which an ordo reading format 2 would not finish).
+const FORMAT: u64 = 3;
+
+/// The leading byte of the space `name` (one of [`SPACE_NAMES`]).
+fn space_byte(name: &str) -> u8 {
+    let i = SPACE_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("a known space");
+    i as u8 + 1
+}
 
 struct Trees {
     log: Space,
@@ -187,13 +201,7 @@ struct Trees {
 
 impl Trees {
     fn new(journal: &Arc<Journal>) -> Trees {
-        let s = |name: &str| {
-            let i = SPACE_NAMES
-                .iter()
-                .position(|n| *n == name)
-                .expect("a known space");
-            Space::new(journal.clone(), i as u8 + 1)
-        };
+        let s = |name: &str| Space::new(journal.clone(), space_byte(name));
         Trees {
             log: s("log"),
             cursor: s("cursor"),
@@ -345,7 +353,17 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
         if copied > 0 {
             tracing::info!(
                 records = copied,
-                "ledger copied into the single-tree layout (format {FORMAT})"
+                "ledger copied into the single-tree layout"
+            );
+        }
+    }
+    if format != Some(FORMAT) {
+        let state = Space::new(journal.clone(), space_byte("state"));
+        let keys = migrate_state(&state, &journal)?;
+        if keys > 0 {
+            tracing::info!(
+                partition_keys = keys,
+                "state stored as one record per partition key (format {FORMAT})"
             );
         }
         durable()?;
@@ -363,6 +381,44 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
         durable()?;
     }
     Ok(journal)
+}
+
+/// Rewrites format 2's state (one entry per state key) as one record per
+/// partition key; returns the partition keys rewritten. Each key's entries
+/// are replaced by its record in one journaled batch, so after a crash every
+/// key is either all entries or one record, and a rerun finishes the rest.
+fn migrate_state(state: &Space, journal: &Journal) -> Result<u64> {
+    let mut writes = Writes::default();
+    let mut group: Option<(Vec<u8>, StateMap)> = None;
+    let mut migrated = 0u64;
+    let mut close = |writes: &mut Writes, group: Option<(Vec<u8>, StateMap)>| -> Result<()> {
+        if let Some((record_key, map)) = group {
+            writes.insert(state, &record_key, encode_state(&map));
+            migrated += 1;
+            if writes.len() >= 10_000 {
+                std::mem::take(writes).apply(journal)?;
+            }
+        }
+        Ok(())
+    };
+    for entry in state.iter() {
+        let (k, v) = entry?;
+        let Some((handler, partition_key, state_key)) = keys::parse_state_entry(&k) else {
+            continue;
+        };
+        let record_key = keys::state(handler, partition_key);
+        if group.as_ref().is_none_or(|(g, _)| *g != record_key) {
+            close(&mut writes, group.take())?;
+            group = Some((record_key, StateMap::new()));
+        }
+        if let Some((_, map)) = group.as_mut() {
+            map.insert(state_key.to_string(), v.to_vec());
+        }
+        writes.remove(state, &k);
+    }
+    close(&mut writes, group.take())?;
+    writes.apply(journal)?;
+    Ok(migrated)
 }
 
 /// Opens the sled database in `dir`. sled locks its data file; a ledger
@@ -737,11 +793,20 @@ impl Ledger {
         partition_key: &str,
         state_key: &str,
     ) -> Result<Option<Vec<u8>>> {
-        Ok(self
+        Ok(self.state_record(handler, partition_key)?.remove(state_key))
+    }
+
+    /// The whole committed state of one partition key of a handler (empty
+    /// when it has none).
+    pub fn state_record(&self, handler: &str, partition_key: &str) -> Result<StateMap> {
+        match self
             .trees()
             .state
-            .get(keys::state(handler, partition_key, state_key))?
-            .map(|v| v.to_vec()))
+            .get(keys::state(handler, partition_key))?
+        {
+            Some(v) => decode_state(&v),
+            None => Ok(StateMap::new()),
+        }
     }
 
     /// The idempotency record of a key, if any.
@@ -812,22 +877,17 @@ impl Ledger {
         ]
     }
 
-    /// Every state value of one partition key of a handler.
+    /// Every state value of one partition key of a handler, in state key
+    /// order.
     pub fn state_entries(
         &self,
         handler: &str,
         partition_key: &str,
     ) -> Result<Vec<(String, Vec<u8>)>> {
-        let prefix = keys::state_prefix(handler, partition_key);
-        let mut out = Vec::new();
-        for entry in self.trees().state.scan_prefix(&prefix) {
-            let (k, v) = entry?;
-            let mut r = keys::KeyReader::new(&k);
-            let (_, _, state_key) = (r.str(), r.str(), r.str());
-            let state_key = state_key.ok_or_else(|| LedgerError::Corrupt("state key".into()))?;
-            out.push((state_key.to_string(), v.to_vec()));
-        }
-        Ok(out)
+        Ok(self
+            .state_record(handler, partition_key)?
+            .into_iter()
+            .collect())
     }
 
     /// Removes committed idempotency records older than `cutoff_ms`,
@@ -868,8 +928,13 @@ impl Ledger {
         let t = self.trees();
         let mut writes = Writes::default();
         writes.crash_point("mid-commit");
-        for (h, pk, sk, v) in &batch.state {
-            writes.put(&t.state, &keys::state(h, pk, sk), v.as_deref());
+        for (h, pk, map) in &batch.state {
+            let key = keys::state(h, pk);
+            if map.is_empty() {
+                writes.remove(&t.state, &key);
+            } else {
+                writes.insert(&t.state, &key, encode_state(map));
+            }
         }
         for (h, k, r) in &batch.dedup {
             let key = keys::dedup(h, k);

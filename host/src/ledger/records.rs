@@ -348,3 +348,83 @@ pub struct OutboxEntry {
     /// When it was committed (ms since the Unix epoch).
     pub created_ms: u64,
 }
+
+/// The whole state of one partition key of a handler: state key → value.
+/// Stored as ONE ledger record (format 3 on), so a batch that changes a key
+/// writes it once however many of its state keys changed.
+pub type StateMap = std::collections::BTreeMap<String, Vec<u8>>;
+
+/// Encodes a [`StateMap`]: the format byte, the number of entries (u32
+/// big-endian), then per entry in key order a u32 big-endian length and the
+/// UTF-8 state key, a u32 big-endian length and the value.
+pub fn encode_state(map: &StateMap) -> Vec<u8> {
+    let size: usize = map.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(5 + size);
+    out.push(FORMAT_V1);
+    out.extend_from_slice(&(map.len() as u32).to_be_bytes());
+    for (k, v) in map {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// Decodes a [`StateMap`] written by [`encode_state`].
+pub fn decode_state(bytes: &[u8]) -> Result<StateMap, LedgerError> {
+    let corrupt = |what: &str| LedgerError::Corrupt(format!("state record: {what}"));
+    let body = match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => body,
+        Some((v, _)) => {
+            return Err(corrupt(&format!(
+                "unknown record format {v} (written by a newer ordo?)"
+            )))
+        }
+        None => return Err(corrupt("empty record")),
+    };
+    let mut r = super::keys::KeyReader::new(body);
+    let count = r.u32().ok_or_else(|| corrupt("truncated"))?;
+    let mut map = StateMap::new();
+    for _ in 0..count {
+        let key = r
+            .str()
+            .ok_or_else(|| corrupt("truncated or non-UTF-8 key"))?;
+        let value = r.bytes().ok_or_else(|| corrupt("truncated value"))?;
+        map.insert(key.to_string(), value.to_vec());
+    }
+    if !r.is_empty() || map.len() != count as usize {
+        return Err(corrupt("trailing bytes or repeated keys"));
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_records_round_trip_and_damage_is_reported() {
+        let mut map = StateMap::new();
+        map.insert("count".into(), b"3".to_vec());
+        map.insert("empty".into(), Vec::new());
+        map.insert("seqs".into(), b"1,2,3".to_vec());
+        let bytes = encode_state(&map);
+        assert_eq!(decode_state(&bytes).unwrap(), map);
+        assert_eq!(
+            decode_state(&encode_state(&StateMap::new())).unwrap(),
+            StateMap::new()
+        );
+        for cut in 0..bytes.len() {
+            assert!(decode_state(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_state(&longer).is_err());
+        assert!(decode_state(&[]).is_err());
+        assert!(decode_state(&[9, 0])
+            .unwrap_err()
+            .to_string()
+            .contains("newer ordo"));
+    }
+}

@@ -1,4 +1,6 @@
 use super::*;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 
 fn env(key: &str, payload: &str) -> Envelope {
     Envelope {
@@ -8,6 +10,13 @@ fn env(key: &str, payload: &str) -> Envelope {
         headers: vec![],
         appended_at_ms: 1,
     }
+}
+
+fn state_map(entries: &[(&str, &str)]) -> StateMap {
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
 }
 
 fn dedup_record(offset: u64) -> DedupRecord {
@@ -28,8 +37,8 @@ fn commit_is_visible_and_survives_reopen() {
         let ledger = Ledger::open(dir.path()).unwrap();
         let batch = CommitBatch {
             state: vec![
-                ("h".into(), "k".into(), "a".into(), Some(b"1".to_vec())),
-                ("h".into(), "k".into(), "b".into(), None),
+                ("h".into(), "k".into(), state_map(&[("a", "1")])),
+                ("h".into(), "gone".into(), StateMap::new()),
             ],
             dedup: vec![("h".into(), "m1".into(), dedup_record(5))],
             cursors: vec![("h".into(), "log".into(), 3, 6)],
@@ -49,6 +58,21 @@ fn commit_is_visible_and_survives_reopen() {
         Some(b"1".to_vec())
     );
     assert_eq!(ledger.state_get("h", "k", "b").unwrap(), None);
+    assert_eq!(ledger.state_record("h", "gone").unwrap(), StateMap::new());
+    // A later batch replaces the key's record; an empty one removes it.
+    let replace = |map: StateMap| CommitBatch {
+        state: vec![("h".into(), "k".into(), map)],
+        ..CommitBatch::default()
+    };
+    ledger
+        .commit(&replace(state_map(&[("b", "2"), ("c", "")])))
+        .unwrap();
+    assert_eq!(
+        ledger.state_entries("h", "k").unwrap(),
+        vec![("b".into(), b"2".to_vec()), ("c".into(), Vec::new())]
+    );
+    ledger.commit(&replace(StateMap::new())).unwrap();
+    assert!(ledger.state_entries("h", "k").unwrap().is_empty());
     assert_eq!(ledger.dedup_get("h", "m1").unwrap(), Some(dedup_record(5)));
     assert_eq!(ledger.cursor("h", "log", 3).unwrap(), 6);
     assert_eq!(ledger.cursor("h", "log", 4).unwrap(), 0);
@@ -356,7 +380,7 @@ fn write_first_layout(dir: &Path, log_messages: u64) {
     let db = open_db(dir).unwrap();
     db.open_tree("state")
         .unwrap()
-        .insert(keys::state("h", "k", "a"), b"1".to_vec())
+        .insert(keys::state_entry("h", "k", "a"), b"1".to_vec())
         .unwrap();
     db.open_tree("dedup")
         .unwrap()
@@ -409,7 +433,7 @@ fn a_first_layout_ledger_is_copied_into_one_tree() {
     {
         let ledger = Ledger::open(dir.path()).unwrap();
         assert_first_layout_records(&ledger, n);
-        assert_eq!(ledger.record_count(), n + 3);
+        assert_eq!(ledger.record_count().unwrap(), n + 3);
     }
     let names = tree_names(dir.path());
     for old in SPACE_NAMES {
@@ -446,7 +470,7 @@ fn an_interrupted_copy_is_redone_and_old_trees_left_after_it_are_ignored() {
         let db = open_db(dir.path()).unwrap();
         db.open_tree("state")
             .unwrap()
-            .insert(keys::state("h", "k", "a"), b"stale".to_vec())
+            .insert(keys::state_entry("h", "k", "a"), b"stale".to_vec())
             .unwrap();
         db.flush().unwrap();
     }
@@ -454,6 +478,128 @@ fn an_interrupted_copy_is_redone_and_old_trees_left_after_it_are_ignored() {
     assert_first_layout_records(&ledger, 100);
     drop(ledger);
     assert!(!tree_names(dir.path()).iter().any(|n| n == "state"));
+}
+
+/// The ledger tree's format key.
+fn format_of(dir: &Path) -> Option<u64> {
+    let db = open_db(dir).unwrap();
+    let v = db
+        .open_tree(LEDGER_TREE)
+        .unwrap()
+        .get(FORMAT_KEY)
+        .unwrap()?;
+    Some(u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+}
+
+#[test]
+fn format_2_state_becomes_one_record_per_partition_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough keys for several migration batches.
+    let keys_n = 12_000;
+    {
+        // Format 2: one entry per state key. One partition key was already
+        // rewritten when the previous migration run was cut short.
+        let db = open_db(dir.path()).unwrap();
+        let tree = db.open_tree(LEDGER_TREE).unwrap();
+        let journal = Journal::open(&db, tree.clone(), &|| Ok(())).unwrap();
+        tree.insert(FORMAT_KEY, &2u64.to_be_bytes()).unwrap();
+        let state = Space::new(journal, space_byte("state"));
+        for i in 0..keys_n {
+            let pk = format!("k{i}");
+            state
+                .insert(
+                    keys::state_entry("h", &pk, "count"),
+                    i.to_string().into_bytes(),
+                )
+                .unwrap();
+            state
+                .insert(keys::state_entry("h", &pk, "seqs"), b"1,2".to_vec())
+                .unwrap();
+        }
+        state
+            .insert(keys::state_entry("other", "k1", "x"), b"y".to_vec())
+            .unwrap();
+        state
+            .insert(
+                keys::state("h", "done"),
+                encode_state(&state_map(&[("count", "7")])),
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    for _ in 0..2 {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        for i in (0..keys_n).step_by(1009) {
+            assert_eq!(
+                ledger.state_entries("h", &format!("k{i}")).unwrap(),
+                vec![
+                    ("count".into(), i.to_string().into_bytes()),
+                    ("seqs".into(), b"1,2".to_vec())
+                ]
+            );
+        }
+        assert_eq!(
+            ledger.state_get("other", "k1", "x").unwrap(),
+            Some(b"y".to_vec())
+        );
+        assert_eq!(
+            ledger.state_get("h", "done", "count").unwrap(),
+            Some(b"7".to_vec())
+        );
+        // One record per partition key, nothing else.
+        let t = ledger.trees();
+        assert_eq!(t.state.len(), keys_n + 2);
+        for entry in t.state.iter() {
+            let (k, v) = entry.unwrap();
+            assert!(keys::parse_state(&k).is_some());
+            decode_state(&v).unwrap();
+        }
+        assert!(ledger.check().unwrap().problems.is_empty());
+        drop(ledger);
+        assert_eq!(format_of(dir.path()), Some(FORMAT));
+    }
+}
+
+#[test]
+fn exports_list_state_per_state_key_and_imports_gather_it() {
+    let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = Ledger::open(from.path()).unwrap();
+    source
+        .commit(&CommitBatch {
+            state: vec![
+                ("h".into(), "k".into(), state_map(&[("a", "1"), ("b", "2")])),
+                ("h".into(), "j".into(), state_map(&[("a", "3")])),
+            ],
+            ..CommitBatch::default()
+        })
+        .unwrap();
+    let mut out = Vec::new();
+    assert_eq!(source.export(&mut out, &|_| {}).unwrap(), 3);
+    let text = String::from_utf8(out.clone()).unwrap();
+    let b64 = |k: Vec<u8>| B64.encode(k);
+    assert!(
+        text.contains(&b64(keys::state_entry("h", "k", "b"))),
+        "{text}"
+    );
+    let target = Ledger::open(to.path()).unwrap();
+    assert_eq!(target.import(&mut out.as_slice(), &|_, _| {}).unwrap(), 3);
+    for pk in ["k", "j"] {
+        assert_eq!(
+            target.state_entries("h", pk).unwrap(),
+            source.state_entries("h", pk).unwrap()
+        );
+    }
+    // A state line must name a state key.
+    let bad = format!(
+        "{{\"format\":\"ordo-ledger-export\",\"version\":1,\"records\":1}}\n{{\"tree\":\"state\",\"key\":\"{}\",\"value\":\"\"}}\n",
+        b64(keys::state("h", "k"))
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let err = Ledger::open(empty.path())
+        .unwrap()
+        .import(&mut bad.as_bytes(), &|_, _| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("line 2: state key"), "{err}");
 }
 
 #[test]
