@@ -7,6 +7,7 @@
 //! listen = "127.0.0.1:7070"
 //! partitions = 16                # of topics created on first use
 //! topic_retention_secs = 604800
+//! ledger_cache_mib = 256         # ledger pages kept in memory
 //!
 //! [defaults.retry]               # policy of handlers that set none
 //! max_attempts = 10
@@ -93,6 +94,8 @@ pub struct ServerSection {
     pub dedup_retention_secs: Option<u64>,
     /// See `ordo serve --retention-interval-ms`.
     pub retention_interval_ms: Option<Spanned<u64>>,
+    /// See `ordo serve --ledger-cache-mib`.
+    pub ledger_cache_mib: Option<Spanned<u64>>,
 }
 
 /// `[defaults]`.
@@ -224,6 +227,15 @@ impl ConfigFile {
                     p.span(),
                     "server.partitions",
                     format!("must be 1..=4096, got {}", p.get_ref()),
+                ));
+            }
+        }
+        if let Some(c) = &s.ledger_cache_mib {
+            if *c.get_ref() < 16 {
+                return Err(at(
+                    c.span(),
+                    "server.ledger_cache_mib",
+                    format!("must be at least 16, got {}", c.get_ref()),
                 ));
             }
         }

@@ -46,6 +46,8 @@ pub struct HostConfig {
     pub dedup_retention: Option<std::time::Duration>,
     /// Topics on NATS JetStream instead of the embedded log.
     pub jetstream: Vec<(String, JetStreamConfig)>,
+    /// Bytes of ledger pages kept in memory.
+    pub ledger_cache_bytes: u64,
 }
 
 impl Default for HostConfig {
@@ -61,6 +63,7 @@ impl Default for HostConfig {
             dedup: true,
             dedup_retention: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
             jetstream: Vec::new(),
+            ledger_cache_bytes: crate::ledger::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -282,7 +285,7 @@ impl Host {
         if config.runtime.cache_dir.is_none() {
             config.runtime.cache_dir = Some(data_dir.join("compiled"));
         }
-        let ledger = Ledger::open(&data_dir.join("ledger"))?;
+        let ledger = Ledger::open_with_cache(&data_dir.join("ledger"), config.ledger_cache_bytes)?;
         let committer = GroupCommitter::start(Arc::new(ledger.clone()));
         let runtime = Runtime::new(config.runtime.clone())?;
         let topics = Topics::new(config.topic_defaults.clone());

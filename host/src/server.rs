@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// [default: 7 days].
     #[arg(long)]
     pub dedup_retention_secs: Option<u64>,
+    /// Memory for the ledger's page cache, in MiB: records outside it (old
+    /// idempotency keys, cold keys' state) are read from disk [default: 256].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
+    pub ledger_cache_mib: Option<u64>,
     /// How often the retention tasks run [default: 60000].
     #[arg(long, value_parser = clap::value_parser!(u64).range(10..))]
     pub retention_interval_ms: Option<u64>,
@@ -106,6 +110,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .or(spanned(&srv.retention_interval_ms))
     {
         config.retention_interval = std::time::Duration::from_millis(i);
+    }
+    if let Some(c) = args.ledger_cache_mib.or(spanned(&srv.ledger_cache_mib)) {
+        config.ledger_cache_bytes = c.saturating_mul(1 << 20);
     }
     if let Some(d) = args.dedup_retention_secs.or(srv.dedup_retention_secs) {
         config.dedup_retention = (d > 0).then(|| std::time::Duration::from_secs(d));

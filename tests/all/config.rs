@@ -15,6 +15,7 @@ fn write_config(dir: &Path, max_attempts: u32) -> std::path::PathBuf {
         r#"# test configuration
 [server]
 partitions = 4
+ledger_cache_mib = 64
 
 [defaults.retry]
 initial_backoff_ms = 10
@@ -80,6 +81,7 @@ fn bad_config_files_name_the_place() {
         ("bad enum", format!("[handlers.h]\ncomponent = \"{counter}\"\ntopic = \"t\"\nretry = {{ on_failure = \"skip\" }}\n"), "line 4"),
         ("out of range", "[topics.orders]\nretention_secs = 5\npartitions = 0\n".into(), ":3: topics.orders.partitions"),
         ("bad policy", "[defaults.retry]\nmax_attempts = 0\n".into(), ":1: defaults.retry: max_attempts"),
+        ("tiny ledger cache", "[server]\n\nledger_cache_mib = 1\n".into(), ":3: server.ledger_cache_mib: must be at least 16"),
         ("missing component", "\n[handlers.h]\ncomponent = \"missing.wasm\"\ntopic = \"t\"\n".into(), ":3: handlers.h.component: no such file"),
         ("bad handler name", format!("[handlers.\"a b\"]\ncomponent = \"{counter}\"\ntopic = \"t\"\n"), ":1: handlers.a b"),
         ("unknown section", "[sources.nats]\nurl = \"x\"\n".into(), "unknown field `sources`"),

@@ -421,16 +421,26 @@ fn migrate_state(state: &Space, journal: &Journal) -> Result<u64> {
     Ok(migrated)
 }
 
-/// Opens the sled database in `dir`. sled locks its data file; a ledger
-/// closed just before in this process may keep the lock for a moment
-/// (sled's background threads drop their file handles asynchronously), so
-/// a held lock is retried for up to 5 s before it is reported.
+/// Default size of the ledger's page cache (see [`Ledger::open_with_cache`]).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
+/// Opens the sled database in `dir` with the default cache.
+#[cfg(test)]
 fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    open_db_cached(dir, DEFAULT_CACHE_BYTES)
+}
+
+/// Opens the sled database in `dir` with a page cache of `cache_bytes`.
+/// sled locks its data file; a ledger closed just before in this process
+/// may keep the lock for a moment (sled's background threads drop their
+/// file handles asynchronously), so a held lock is retried for up to 5 s
+/// before it is reported.
+fn open_db_cached(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match sled::Config::new()
             .path(dir)
-            .cache_capacity(256 << 20)
+            .cache_capacity(cache_bytes)
             .open()
         {
             Err(sled::Error::Io(e))
@@ -445,10 +455,18 @@ fn open_db(dir: &Path) -> sled::Result<sled::Db> {
 }
 
 impl Ledger {
-    /// Opens (or creates) the ledger in `dir`.
+    /// Opens (or creates) the ledger in `dir`, with the default cache.
     pub fn open(dir: &Path) -> Result<Ledger> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the ledger in `dir`, keeping up to about
+    /// `cache_bytes` of its pages in memory. Lookups of records outside the
+    /// cache (old idempotency keys, cold partition keys' state) read the
+    /// disk; a cache as large as the ledger keeps every lookup in memory.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Ledger> {
         std::fs::create_dir_all(dir)?;
-        let db = open_db(dir)?;
+        let db = open_db_cached(dir, cache_bytes)?;
         let data_file = File::open(dir.join("db")).ok();
         if let Some(parent) = dir.parent() {
             if let Ok(d) = File::open(parent) {
