@@ -17,17 +17,22 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
     Ok(out)
 }
 
-/// Decodes a record; `what` names it in the error.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LedgerError> {
+/// The body of a record after its format byte; `what` names it in the
+/// error.
+fn body<'a>(bytes: &'a [u8], what: &str) -> Result<&'a [u8], LedgerError> {
     match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => {
-            postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
-        }
+        Some((&FORMAT_V1, body)) => Ok(body),
         Some((v, _)) => Err(LedgerError::Corrupt(format!(
             "{what}: unknown record format {v} (written by a newer ordo?)"
         ))),
         None => Err(LedgerError::Corrupt(format!("{what}: empty record"))),
     }
+}
+
+/// Decodes a record; `what` names it in the error.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LedgerError> {
+    postcard::from_bytes(body(bytes, what)?)
+        .map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
 }
 
 /// A message in the embedded log.
@@ -374,16 +379,7 @@ pub fn encode_state(map: &StateMap) -> Vec<u8> {
 /// Decodes a [`StateMap`] written by [`encode_state`].
 pub fn decode_state(bytes: &[u8]) -> Result<StateMap, LedgerError> {
     let corrupt = |what: &str| LedgerError::Corrupt(format!("state record: {what}"));
-    let body = match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => body,
-        Some((v, _)) => {
-            return Err(corrupt(&format!(
-                "unknown record format {v} (written by a newer ordo?)"
-            )))
-        }
-        None => return Err(corrupt("empty record")),
-    };
-    let mut r = super::keys::KeyReader::new(body);
+    let mut r = super::keys::KeyReader::new(body(bytes, "state record")?);
     let count = r.u32().ok_or_else(|| corrupt("truncated"))?;
     let mut map = StateMap::new();
     for _ in 0..count {
