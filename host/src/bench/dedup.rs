@@ -52,7 +52,8 @@ fn pct(samples: &mut [Duration], p: f64) -> f64 {
 /// Runs the dedup benchmark.
 pub fn run(args: DedupArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir_in(".")?;
-    let cache_bytes = args.cache_mib.max(16) << 20;
+    let cache_mib = args.cache_mib.max(16);
+    let cache_bytes = cache_mib << 20;
     let mut ledger = Ledger::open_with_cache(dir.path(), cache_bytes)?;
     let mut sizes = Vec::new();
     let mut n = 10_000u64;
@@ -151,8 +152,8 @@ pub fn run(args: DedupArgs) -> anyhow::Result<()> {
          ledger's size on disk over the key count.\n\
          Reproduce: `cargo run --release -- bench dedup --cache-mib {}`.\n\n{table}",
         super::machine_summary(),
-        args.cache_mib.max(16),
-        args.cache_mib.max(16),
+        cache_mib,
+        cache_mib,
     );
     super::record_section(&args.output, "dedup", &body)?;
     Ok(())
