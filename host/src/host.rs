@@ -1246,24 +1246,35 @@ impl Host {
             })
             .collect();
         let committer = self.committer.clone();
+        let topics = self.topics.clone();
         let topic_owned = topic.to_string();
-        let (items, (offsets, ticket)) = tokio::task::spawn_blocking(move || {
-            let appended = committer.append(&topic_owned, &items);
-            appended.map(|a| (items, a))
+        let (offsets, ticket) = tokio::task::spawn_blocking(move || {
+            let (offsets, ticket) = committer.append(&topic_owned, &items)?;
+            // Applied, not yet durable: lanes may process them while the
+            // flush runs (see `source::topics`: a lane's commit follows the
+            // append in the ledger's log, so it never survives a crash
+            // without it). The producer is answered only once durable.
+            let mut runs: HashMap<u32, Vec<(u64, Envelope)>> = HashMap::new();
+            for ((p, envelope), offset) in items.into_iter().zip(offsets.iter().copied()) {
+                runs.entry(p).or_default().push((offset, envelope));
+            }
+            for (p, run) in runs {
+                let next = run.last().map(|(o, _)| o + 1);
+                topics
+                    .tail(&topic_owned, p)
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(run);
+                // After the tail: a lane woken by the watermark finds them
+                // there.
+                if let Some(next) = next {
+                    topics.publish(&topic_owned, p, next);
+                }
+            }
+            Ok::<_, crate::ledger::LedgerError>((offsets, ticket))
         })
         .await??;
         self.committer.wait_durable(ticket).await?;
-        // Durable: lanes may take them from memory from now on.
-        let mut runs: HashMap<u32, Vec<(u64, Envelope)>> = HashMap::new();
-        for ((p, envelope), offset) in items.into_iter().zip(offsets.iter().copied()) {
-            runs.entry(p).or_default().push((offset, envelope));
-        }
-        for (p, run) in runs {
-            let tail = self.topics.tail(topic, p);
-            tail.lock().unwrap_or_else(|e| e.into_inner()).extend(run);
-            // After the tail: a lane woken by the watermark finds them there.
-            self.topics.refresh(&self.ledger, topic, p);
-        }
         Ok(offsets)
     }
 

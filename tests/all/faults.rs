@@ -9,6 +9,8 @@
 //! - Disk faults: from the n-th sync or write on, every call fails with EIO
 //!   or ENOSPC. The host must stop acknowledging at once and for good; after
 //!   a restart on a healthy disk nothing acknowledged is lost.
+//! - A slow disk (every sync delayed): lanes process messages while their
+//!   append is still being flushed, and acknowledge nothing before it is.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::fixtures::handler_bytes;
-use crate::server::{state, wait_for, Server};
+use crate::server::{state, wait_drained, wait_for, Server};
 
 const KEYS: u64 = 20;
 
@@ -136,6 +138,9 @@ async fn power_loss_keeps_everything_acknowledged() {
     // From now on the shadow is the disk a power cut leaves behind.
     restore(shadow.path(), &data);
     server.set_env("FAULTFS_SHADOW", shadow.path().to_str());
+    // A slow disk widens the window in which lanes commit messages whose
+    // append is not yet synced (both must then be lost together).
+    server.set_env("FAULTFS_SYNC_DELAY_MS", Some("3"));
     server.respawn().await;
     server
         .client()
@@ -253,4 +258,61 @@ async fn enospc_on_write_stops_acknowledging_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eio_on_write_stops_acknowledging_and_loses_nothing() {
     disk_fault("write:EIO:300").await;
+}
+
+/// A lane processes a message while the flush of its append runs (the
+/// commit that follows it in the ledger's log cannot survive a crash
+/// without it), and nothing is acknowledged before a flush covers both:
+/// on a disk whose every sync takes 500 ms, the message's state is applied
+/// while the producer still waits for its `200` and while the handler's
+/// `processed` count is still 0; both come once the flushes end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_processed_while_its_append_flushes() {
+    let mut server = Server::start().await;
+    server
+        .client()
+        .put_bytes("/v1/handlers/counter?topic=slow", handler_bytes("counter"))
+        .await
+        .expect("deploy");
+    server.kill();
+    preload_faultfs(&mut server);
+    server.set_env("FAULTFS_SYNC_DELAY_MS", Some("500"));
+    server.respawn().await;
+    let client = server.client();
+    wait_for(&client, "counter", "lanes running", |h| h["lag"] == 0).await;
+
+    let produced = {
+        let client = server.client();
+        tokio::spawn(async move {
+            let one = json!([{"key": "k", "idempotency_key": "k/1",
+                              "payload": json!({"seq": 1}).to_string()}]);
+            client.produce("slow", &one).await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&client, "counter", "k", "seqs").await.as_deref() != Some("1") {
+        assert!(
+            !produced.is_finished(),
+            "the producer was answered before the lane applied the message"
+        );
+        assert!(Instant::now() < deadline, "the message was never applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Applied: the append (and the lane's commit) are still being flushed.
+    assert!(
+        !produced.is_finished(),
+        "the lane applied the message only after the producer's 200"
+    );
+    let status = wait_for(&client, "counter", "status", |_| true).await;
+    assert_eq!(
+        status["processed"], 0,
+        "the lane counted a message before its commit was durable: {status}"
+    );
+    let offsets = produced.await.expect("producer task").expect("produce");
+    assert_eq!(offsets.len(), 1);
+    wait_drained(&client, "counter", 1).await;
+    assert_eq!(
+        state(&client, "counter", "k", "seqs").await.as_deref(),
+        Some("1")
+    );
 }

@@ -15,6 +15,8 @@
  *                            op: sync (fsync, fdatasync, sync_file_range)
  *                            or write (write, pwrite, pwrite64, writev,
  *                            pwritev); errno: EIO or ENOSPC.
+ *   FAULTFS_SYNC_DELAY_MS=n  every fsync/fdatasync of a file under
+ *                            FAULTFS_DIR first sleeps n ms (a slow disk).
  *   FAULTFS_LOG=1            log each injected fault to stderr.
  *
  * Build: cc -shared -fPIC -O2 -o faultfs.so faultfs.c -ldl
@@ -31,6 +33,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { OP_NONE, OP_SYNC, OP_WRITE };
@@ -42,6 +45,7 @@ static int fail_op = OP_NONE;
 static int fail_errno;
 static long fail_after;
 static int log_faults;
+static long sync_delay_ms;
 static atomic_long calls;
 static atomic_int broken;
 
@@ -78,6 +82,8 @@ __attribute__((constructor)) static void faultfs_init(void) {
     const char *s = getenv("FAULTFS_SHADOW");
     if (s) snprintf(shadow, sizeof shadow, "%s", s);
     log_faults = getenv("FAULTFS_LOG") != NULL;
+    const char *delay = getenv("FAULTFS_SYNC_DELAY_MS");
+    if (delay) sync_delay_ms = atol(delay);
     const char *f = getenv("FAULTFS_FAIL");
     if (f) {
         char op[16] = {0}, err[16] = {0};
@@ -174,8 +180,20 @@ static void snapshot(int fd) {
     real_rename(tmp, dest);
 }
 
+/* FAULTFS_SYNC_DELAY_MS: a slow disk, for the files under the directory. */
+static void slow_sync(int fd) {
+    if (sync_delay_ms <= 0) return;
+    char buf[PATH_MAX];
+    const char *rel;
+    if (!fd_under(fd, &rel, buf)) return;
+    struct timespec t = {sync_delay_ms / 1000, (sync_delay_ms % 1000) * 1000000L};
+    while (nanosleep(&t, &t) != 0 && errno == EINTR) {
+    }
+}
+
 int fsync(int fd) {
     if (inject(OP_SYNC, fd)) return -1;
+    slow_sync(fd);
     int r = real_fsync(fd);
     if (r == 0) snapshot(fd);
     return r;
@@ -183,6 +201,7 @@ int fsync(int fd) {
 
 int fdatasync(int fd) {
     if (inject(OP_SYNC, fd)) return -1;
+    slow_sync(fd);
     int r = real_fdatasync(fd);
     if (r == 0) snapshot(fd);
     return r;

@@ -117,14 +117,14 @@ fn rss_mib() -> f64 {
 }
 
 /// Samples CPU and peak RSS while a run is going.
-struct Meter {
+pub(super) struct Meter {
     start: Instant,
     cpu0: f64,
     peak_rss: f64,
 }
 
 impl Meter {
-    fn start() -> Self {
+    pub(super) fn start() -> Self {
         Meter {
             start: Instant::now(),
             cpu0: cpu_secs(),
@@ -136,7 +136,8 @@ impl Meter {
         self.peak_rss = self.peak_rss.max(rss_mib());
     }
 
-    fn finish(mut self) -> (f64, f64, f64) {
+    /// Seconds, CPU % of all cores and peak RSS (MiB) since `start`.
+    pub(super) fn finish(mut self) -> (f64, f64, f64) {
         self.sample();
         let secs = self.start.elapsed().as_secs_f64();
         let cores = std::thread::available_parallelism()

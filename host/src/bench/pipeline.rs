@@ -127,6 +127,8 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
             n
         })
     };
+    let (load_flushes0, load_t0) = (host.committer().flushes(), Instant::now());
+    let load_meter = super::compare::Meter::start();
     let mut probes = Vec::with_capacity(args.latency_samples);
     // Of each probe's latency: until the producer's ingest returned (the
     // message durable in the log).
@@ -155,6 +157,9 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         probes.push(start.elapsed());
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let load_flush_rate = (host.committer().flushes() - load_flushes0) as f64
+        / load_t0.elapsed().as_secs_f64().max(0.001);
+    let (_, load_cpu, _) = load_meter.finish();
     let loaded = load.await?;
     let load_secs = probes.iter().map(|d| d.as_secs_f64() + 0.02).sum::<f64>();
     probes.sort();
@@ -174,7 +179,9 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
          | offered load for the next two rows (≈ half the drain rate) | {:.0} msg/s |\n\
          | produce→committed p50 at that load | {:.2} ms |\n\
          | produce→committed p99 at that load | {:.2} ms |\n\
-         | of which produce→durable in the log (ingest returned) p50 / p99 | {:.2} / {:.2} ms |\n",
+         | of which produce→durable in the log (ingest returned) p50 / p99 | {:.2} / {:.2} ms |\n\
+         | group flushes at that load | {load_flush_rate:.0} per second |\n\
+         | CPU at that load (of all cores) | {load_cpu:.0} % |\n",
         total as f64 / flushes.max(1) as f64,
         pct(0.5),
         pct(0.99),

@@ -207,8 +207,8 @@ enum Work {
 
 /// Where a lane reads its partition from.
 enum LaneSource {
-    /// The embedded log; the receiver carries the partition's durable high
-    /// watermark, the tail its most recent messages.
+    /// The embedded log; the receiver carries the partition's high
+    /// watermark (applied appends), the tail its most recent messages.
     Log(watch::Receiver<u64>, Tail),
     /// A JetStream partition subject.
     JetStream(Box<PartitionReader>),

@@ -1,8 +1,9 @@
 //! Message sources: where lanes read messages from.
 //!
 //! The embedded log lives in the ledger (`log` tree); [`topics::Topics`]
-//! tracks its topics and wakes lanes when a partition's durable high
-//! watermark moves.
+//! tracks its topics and wakes lanes when a partition's high watermark
+//! moves (once an append is applied; see [`topics`] for why a lane need
+//! not wait for its flush).
 
 pub mod jetstream;
 pub mod partition;

@@ -1,12 +1,23 @@
 //! The registry of embedded-log topics: partition counts and, per partition,
-//! a watch of the durable high watermark that lanes wait on, plus a small
-//! in-memory copy of the most recently produced durable messages (the
-//! "tail") so that lanes keeping up with producers need not read them back
-//! from the ledger.
+//! a watch of the high watermark that lanes wait on, plus a small
+//! in-memory copy of the most recently produced messages (the "tail") so
+//! that lanes keeping up with producers need not read them back from the
+//! ledger.
 //!
-//! Architecture invariant: the tail holds only durable messages, with the
-//! offsets the ledger gave them, as one contiguous run of offsets; a lane
-//! that finds its cursor outside that run reads the ledger instead.
+//! Both move as soon as an append is APPLIED to the ledger, before the
+//! flush that makes it durable: a lane may process a message while its
+//! append flushes (the producer is answered only after that flush). This
+//! is safe because every ledger write is applied in one order (the
+//! journal's) and sled recovers a prefix of that order after a crash: a
+//! lane's commit is applied after the appends it read, so it never
+//! survives a crash without them, and nothing the lane did is
+//! acknowledged before a flush that covers both. It saves a message one
+//! flush of latency (its append's and its commit's flush may be one).
+//!
+//! Architecture invariant: the tail holds only messages applied to the
+//! ledger, with the offsets the ledger gave them, as one contiguous run of
+//! offsets; a lane that finds its cursor outside that run reads the ledger
+//! instead.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -48,7 +59,7 @@ struct TopicEntry {
     tails: Vec<Tail>,
 }
 
-/// Most recent durable messages of one partition (see the module docs).
+/// Most recent messages of one partition (see the module docs).
 pub type Tail = Arc<Mutex<TailBuffer>>;
 
 /// Entries a tail keeps at most.
@@ -56,7 +67,7 @@ const TAIL_MAX_ENTRIES: usize = 2048;
 /// Payload bytes a tail keeps at most.
 const TAIL_MAX_BYTES: usize = 2 << 20;
 
-/// A contiguous run of durable messages, oldest first.
+/// A contiguous run of applied messages, oldest first.
 #[derive(Default)]
 pub struct TailBuffer {
     entries: VecDeque<(u64, Envelope)>,
@@ -69,7 +80,7 @@ impl TailBuffer {
         self.entries.back().map(|(o, _)| o + 1)
     }
 
-    /// Appends durable messages with consecutive offsets. A run that does
+    /// Appends applied messages with consecutive offsets. A run that does
     /// not continue the buffer (concurrent producers finishing out of
     /// order) replaces it, so the buffer stays contiguous; a run entirely
     /// before the buffer is ignored.
@@ -164,7 +175,7 @@ impl Topics {
         self.lock().keys().cloned().collect()
     }
 
-    /// A receiver of the durable high watermark of one partition. The topic
+    /// A receiver of the high watermark of one partition. The topic
     /// must have been [`ensure`](Self::ensure)d; otherwise the receiver
     /// stays at 0 forever.
     pub fn watch(&self, name: &str, partition: u32) -> watch::Receiver<u64> {
@@ -187,7 +198,8 @@ impl Topics {
             .unwrap_or_default()
     }
 
-    /// Publishes a new durable high watermark (only ever moves forward).
+    /// Publishes a new high watermark (only ever moves forward): every
+    /// message below it is applied to the ledger.
     pub fn publish(&self, name: &str, partition: u32, watermark: u64) {
         if let Some(tx) = self
             .lock()
