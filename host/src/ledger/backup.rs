@@ -18,7 +18,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyReader};
-use super::records::{decode, decode_state, encode_state};
+use super::records::{decode, decode_state, encode_state, StateMap};
 use super::{
     AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
     Ledger, LedgerError, ParkedKey, Result, TopicConfig,
@@ -152,6 +152,9 @@ impl Ledger {
         let trees: HashMap<&str, &super::Space> = self.named_trees().into_iter().collect();
         let mut n = 0u64;
         let mut max_seq = 0u64;
+        // State lines of one partition key (consecutive in an export) are
+        // gathered here and written as its record once the key changes.
+        let mut gathering = StateGather::default();
         for (i, line) in input.lines().enumerate() {
             let line = line?;
             if line.trim().is_empty() {
@@ -190,9 +193,11 @@ impl Ledger {
                             "line {at}: state key is not (handler, partition key, state key)"
                         ))
                     })?;
-                let mut record = self.state_record(handler, partition_key)?;
-                record.insert(state_key.to_string(), value);
-                tree.insert(keys::state(handler, partition_key), encode_state(&record))?;
+                if !gathering.holds(handler, partition_key) {
+                    self.write_gathered(&mut gathering)?;
+                    gathering.key = Some((handler.to_string(), partition_key.to_string()));
+                }
+                gathering.entries.insert(state_key.to_string(), value);
             } else {
                 tree.insert(key, value)?;
             }
@@ -201,6 +206,7 @@ impl Ledger {
                 progress(n, header.records);
             }
         }
+        self.write_gathered(&mut gathering)?;
         self.raise_id_floor(max_seq)?;
         self.flush()?;
         progress(n, header.records);
@@ -211,6 +217,23 @@ impl Ledger {
             )));
         }
         Ok(n)
+    }
+
+    /// Writes the state entries gathered for one partition key as its
+    /// record, merged into the record already written when the export
+    /// listed that key's lines apart (any order imports correctly; export
+    /// order costs one write per key).
+    fn write_gathered(&self, gathering: &mut StateGather) -> Result<()> {
+        let Some((handler, partition_key)) = gathering.key.take() else {
+            return Ok(());
+        };
+        let entries = std::mem::take(&mut gathering.entries);
+        let mut record = self.state_record(&handler, &partition_key)?;
+        record.extend(entries);
+        self.trees()
+            .state
+            .insert(keys::state(&handler, &partition_key), encode_state(&record))?;
+        Ok(())
     }
 
     /// Verifies that every record decodes and that cross-references hold.
@@ -375,5 +398,19 @@ mod erased_line {
         fn line(&self) -> Result<String, LedgerError> {
             serde_json::to_string(self).map_err(|e| LedgerError::Encode(e.to_string()))
         }
+    }
+}
+
+/// An import's state entries of one partition key, not yet written.
+#[derive(Default)]
+struct StateGather {
+    /// (handler, partition key) of the entries.
+    key: Option<(String, String)>,
+    entries: StateMap,
+}
+
+impl StateGather {
+    fn holds(&self, handler: &str, partition_key: &str) -> bool {
+        matches!(&self.key, Some((h, k)) if h == handler && k == partition_key)
     }
 }

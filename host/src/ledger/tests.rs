@@ -603,6 +603,49 @@ fn exports_list_state_per_state_key_and_imports_gather_it() {
 }
 
 #[test]
+fn imports_gather_a_keys_state_lines_in_any_order() {
+    let b64 = |k: Vec<u8>| B64.encode(k);
+    let line = |pk: &str, sk: &str, v: &str| {
+        format!(
+            "{{\"tree\":\"state\",\"key\":\"{}\",\"value\":\"{}\"}}\n",
+            b64(keys::state_entry("h", pk, sk)),
+            B64.encode(v)
+        )
+    };
+    // 2,000 entries of one key in a row (one write), then a key whose
+    // lines are listed apart, around another key's.
+    let mut body: String = (0..2000)
+        .map(|i| line("big", &format!("s{i:04}"), &i.to_string()))
+        .collect();
+    body += &line("apart", "a", "1");
+    body += &line("other", "x", "9");
+    body += &line("apart", "b", "2");
+    let text =
+        format!("{{\"format\":\"ordo-ledger-export\",\"version\":1,\"records\":2003}}\n{body}");
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_eq!(
+        ledger.import(&mut text.as_bytes(), &|_, _| {}).unwrap(),
+        2003
+    );
+    let big = ledger.state_entries("h", "big").unwrap();
+    assert_eq!(big.len(), 2000);
+    assert_eq!(big[1999], ("s1999".to_string(), b"1999".to_vec()));
+    assert_eq!(
+        ledger.state_entries("h", "apart").unwrap(),
+        vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("b".to_string(), b"2".to_vec())
+        ]
+    );
+    assert_eq!(
+        ledger.state_get("h", "other", "x").unwrap(),
+        Some(b"9".to_vec())
+    );
+    assert!(ledger.check().unwrap().problems.is_empty());
+}
+
+#[test]
 fn a_ledger_of_a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(Ledger::open(dir.path()).unwrap());
