@@ -110,6 +110,24 @@ async fn handler_sample(server: &Server, name: &str, handler: &str) -> Option<f6
     })
 }
 
+/// `text` without its terminal colour codes (ESC `[` ... `m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 async fn counter_state(client: &Client, key: &str, state_key: &str) -> Option<String> {
     state(client, "counter", key, state_key).await
 }
@@ -328,13 +346,25 @@ async fn conformance(lang: &str, component: &str) {
         Some("2")
     );
 
-    // Logging: one debug line per handled message, through the host log.
-    let text = std::fs::read_to_string(&log).expect("server log");
+    // Logging: one debug line per handled message, through the host log,
+    // in the span of the message it was logged for.
+    let text = strip_ansi(&std::fs::read_to_string(&log).expect("server log"));
     let line = format!("key a seq {PER_KEY} count {PER_KEY}");
-    assert!(
-        text.lines().any(|l| l.contains(&line)),
-        "{lang}: the host log has no `{line}`"
-    );
+    let logged = text
+        .lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("{lang}: the host log has no `{line}`"));
+    for field in [
+        "message{handler=counter",
+        " key=a ",
+        " offset=",
+        " attempt=1}",
+    ] {
+        assert!(
+            logged.contains(field),
+            "{lang}: the guest's log line lacks its message's `{field}`: {logged}"
+        );
+    }
 
     let per_message = match (
         handler_sample(&server, "ordo_handler_seconds_sum", "counter").await,

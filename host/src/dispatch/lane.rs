@@ -30,7 +30,7 @@ use crate::ledger::{
     GroupCommitter, Ledger, OnFailure, OutboxEntry, ParkedKey, StateMap,
 };
 use crate::runtime::{
-    Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, StateAccess,
+    Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, SpanFactory, StateAccess,
 };
 use crate::source::jetstream::{outbox_msg_id, JetStreams, JsTopic, PartitionReader};
 use crate::source::topics::{Tail, Topics};
@@ -62,9 +62,10 @@ impl Executor {
         &self,
         msg: &Message,
         mut state: Box<dyn StateAccess>,
+        log_span: &SpanFactory,
     ) -> (Invocation, Box<dyn StateAccess>) {
         match self {
-            Executor::Wasm(module) => module.invoke(msg, state),
+            Executor::Wasm(module) => module.invoke_in(msg, state, Some(log_span.clone())),
             Executor::Native(handler) => {
                 let start = std::time::Instant::now();
                 let mut overlay = Overlay::default();
@@ -606,22 +607,34 @@ impl<'a> Builder<'a> {
     /// the batch; on failure nothing of the attempt does.
     fn invoke(&mut self, msg: &Message) -> anyhow::Result<Result<(), Failure>> {
         let ctx = self.lane.ctx;
-        let _span = tracing::info_span!(
-            "message",
-            handler = %ctx.handler,
-            version = self.lane.active.for_key(&msg.partition_key).version,
-            partition = self.lane.partition,
-            key = %msg.partition_key,
-            offset = msg.offset,
-            attempt = msg.attempt,
-        )
-        .entered();
+        let version = self.lane.active.for_key(&msg.partition_key);
+        // The span of the guest's log lines, made only for a line that is
+        // recorded. Its target is the guest's and its level the highest,
+        // so it is there whenever a guest line is.
+        let log_span: SpanFactory = {
+            let (handler, version, partition) =
+                (ctx.handler.clone(), version.version, self.lane.partition);
+            let (key, offset, attempt) = (msg.partition_key.clone(), msg.offset, msg.attempt);
+            Arc::new(move || {
+                tracing::error_span!(
+                    target: "ordo::guest",
+                    "message",
+                    handler = %handler,
+                    version,
+                    partition,
+                    key = %key,
+                    offset,
+                    attempt,
+                )
+            })
+        };
         let start = std::time::Instant::now();
         let (invocation, mut key_pending) = invoke_with_host_retries(
             ctx,
-            &self.lane.active.for_key(&msg.partition_key).module,
+            &version.module,
             self.lane.cache,
             msg,
+            &log_span,
             &mut self.pending,
             &mut self.outcome.counts,
         )?;
@@ -1218,6 +1231,7 @@ fn invoke_with_host_retries(
     module: &Executor,
     cache: &SharedCache,
     msg: &Message,
+    log_span: &SpanFactory,
     pending: &mut HashMap<String, PendingWrites>,
     counts: &mut BatchCounts,
 ) -> anyhow::Result<(crate::runtime::Invocation, PendingWrites)> {
@@ -1231,7 +1245,7 @@ fn invoke_with_host_retries(
             pending: key_pending,
             cache: cache.clone(),
         };
-        let (invocation, state) = module.invoke(msg, Box::new(view));
+        let (invocation, state) = module.invoke(msg, Box::new(view), log_span);
         key_pending = state
             .into_any()
             .downcast::<BatchState>()
@@ -1240,7 +1254,7 @@ fn invoke_with_host_retries(
         match &invocation.outcome {
             Err(f) if f.kind == FailureKind::Host => {
                 counts.host_retries += 1;
-                tracing::warn!(handler = %ctx.handler, error = %f.message, "host could not run handler; retrying");
+                tracing::warn!(handler = %ctx.handler, key = %msg.partition_key, offset = msg.offset, error = %f.message, "host could not run handler; retrying");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(1));
             }

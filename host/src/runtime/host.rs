@@ -177,14 +177,40 @@ pub(crate) struct HostState {
     /// Shared by the guest's stdout and stderr.
     stdio_budget: Arc<Budget>,
     table: ResourceTable,
+    /// Builds the span the guest's log lines and output are recorded in,
+    /// on the first line that is recorded: a span per message costs more
+    /// than most handlers' whole call, and most lines are filtered out.
+    log_span: LogSpan,
+}
+
+/// Makes the tracing span of one message's guest logs (handler, key,
+/// offset, ...); see [`HandlerModule::invoke_in`].
+pub type SpanFactory = Arc<dyn Fn() -> tracing::Span + Send + Sync>;
+
+/// The log span, made from its factory when first needed.
+struct LogSpan {
+    factory: Option<SpanFactory>,
+    span: Option<tracing::Span>,
+}
+
+impl LogSpan {
+    fn get(&mut self) -> &tracing::Span {
+        let factory = &self.factory;
+        self.span.get_or_insert_with(|| make_span(factory.as_ref()))
+    }
+}
+
+/// The span `factory` makes (none without one).
+pub(crate) fn make_span(factory: Option<&SpanFactory>) -> tracing::Span {
+    factory.map_or_else(tracing::Span::none, |make| make())
 }
 
 /// The locked-down WASI context of one invocation: no preopens, sockets,
 /// environment or arguments; stdout/stderr go to tracing, size-capped.
-fn wasi_ctx(budget: &Arc<Budget>) -> WasiCtx {
+fn wasi_ctx(budget: &Arc<Budget>, span: Option<&SpanFactory>) -> WasiCtx {
     WasiCtxBuilder::new()
-        .stdout(LogSink::new(Stream::Stdout, budget.clone()))
-        .stderr(LogSink::new(Stream::Stderr, budget.clone()))
+        .stdout(LogSink::new(Stream::Stdout, budget.clone(), span.cloned()))
+        .stderr(LogSink::new(Stream::Stderr, budget.clone(), span.cloned()))
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
@@ -193,9 +219,12 @@ fn wasi_ctx(budget: &Arc<Budget>) -> WasiCtx {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        let budget = &self.stdio_budget;
+        let wasi = match self.wasi.take() {
+            Some(wasi) => wasi,
+            None => wasi_ctx(&self.stdio_budget, self.log_span.factory.as_ref()),
+        };
         WasiCtxView {
-            ctx: self.wasi.get_or_insert_with(|| wasi_ctx(budget)),
+            ctx: self.wasi.insert(wasi),
             table: &mut self.table,
         }
     }
@@ -301,12 +330,23 @@ impl log::Host for HostState {
             self.overlay.dropped_log_lines += 1;
             return Ok(());
         }
-        match level {
-            Level::Trace => tracing::trace!(target: "ordo::guest", "{message}"),
-            Level::Debug => tracing::debug!(target: "ordo::guest", "{message}"),
-            Level::Info => tracing::info!(target: "ordo::guest", "{message}"),
-            Level::Warn => tracing::warn!(target: "ordo::guest", "{message}"),
-            Level::Error => tracing::error!(target: "ordo::guest", "{message}"),
+        let enabled = match level {
+            Level::Trace => tracing::enabled!(target: "ordo::guest", tracing::Level::TRACE),
+            Level::Debug => tracing::enabled!(target: "ordo::guest", tracing::Level::DEBUG),
+            Level::Info => tracing::enabled!(target: "ordo::guest", tracing::Level::INFO),
+            Level::Warn => tracing::enabled!(target: "ordo::guest", tracing::Level::WARN),
+            Level::Error => tracing::enabled!(target: "ordo::guest", tracing::Level::ERROR),
+        };
+        if enabled {
+            // The message's span is made only for a line that is recorded.
+            let _span = self.log_span.get().enter();
+            match level {
+                Level::Trace => tracing::trace!(target: "ordo::guest", "{message}"),
+                Level::Debug => tracing::debug!(target: "ordo::guest", "{message}"),
+                Level::Info => tracing::info!(target: "ordo::guest", "{message}"),
+                Level::Warn => tracing::warn!(target: "ordo::guest", "{message}"),
+                Level::Error => tracing::error!(target: "ordo::guest", "{message}"),
+            }
         }
         self.overlay.logs.push(LogLine { level, message });
         Ok(())
@@ -368,7 +408,12 @@ impl HandlerModule {
         &self.limits
     }
 
-    fn new_store(&self, state: Box<dyn StateAccess>, budget: &Arc<Budget>) -> Store<HostState> {
+    fn new_store(
+        &self,
+        state: Box<dyn StateAccess>,
+        budget: &Arc<Budget>,
+        log_span: Option<SpanFactory>,
+    ) -> Store<HostState> {
         let limits = &self.limits;
         let host = HostState {
             state,
@@ -387,6 +432,10 @@ impl HandlerModule {
             wasi: None,
             stdio_budget: budget.clone(),
             table: ResourceTable::new(),
+            log_span: LogSpan {
+                factory: log_span,
+                span: None,
+            },
         };
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|s| &mut s.limiter);
@@ -400,7 +449,7 @@ impl HandlerModule {
     #[doc(hidden)]
     pub fn bench_warm_calls(&self, msg: &Message, n: usize) -> anyhow::Result<Vec<Duration>> {
         let budget = Budget::new(self.limits.max_stdio_bytes);
-        let mut store = self.new_store(Box::new(MemoryState::default()), &budget);
+        let mut store = self.new_store(Box::new(MemoryState::default()), &budget, None);
         let handler = self.pre.instantiate(&mut store)?;
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
@@ -425,10 +474,22 @@ impl HandlerModule {
         msg: &Message,
         state: Box<dyn StateAccess>,
     ) -> (Invocation, Box<dyn StateAccess>) {
+        self.invoke_in(msg, state, None)
+    }
+
+    /// [`invoke`](Self::invoke), recording the guest's log lines and
+    /// output in the span `log_span` makes (made only if the guest logs or
+    /// writes something).
+    pub fn invoke_in(
+        &self,
+        msg: &Message,
+        state: Box<dyn StateAccess>,
+        log_span: Option<SpanFactory>,
+    ) -> (Invocation, Box<dyn StateAccess>) {
         let start = Instant::now();
         let limits = &self.limits;
         let budget = Budget::new(limits.max_stdio_bytes);
-        let mut store = self.new_store(state, &budget);
+        let mut store = self.new_store(state, &budget, log_span);
         let (instantiated, result) = match self.pre.instantiate(&mut store) {
             Ok(handler) => (true, handler.call_handle(&mut store, msg)),
             Err(e) => (false, Err(e)),

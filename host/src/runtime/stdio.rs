@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use super::host::{make_span, SpanFactory};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
@@ -21,6 +23,8 @@ pub(crate) enum Stream {
 pub(crate) struct LogSink {
     stream: Stream,
     budget: Arc<Budget>,
+    /// Makes the message's span, which lines are recorded in.
+    span: Option<SpanFactory>,
 }
 
 pub(crate) struct Budget {
@@ -43,8 +47,12 @@ impl Budget {
 }
 
 impl LogSink {
-    pub(crate) fn new(stream: Stream, budget: Arc<Budget>) -> Self {
-        LogSink { stream, budget }
+    pub(crate) fn new(stream: Stream, budget: Arc<Budget>, span: Option<SpanFactory>) -> Self {
+        LogSink {
+            stream,
+            budget,
+            span,
+        }
     }
 
     fn take(&self, len: usize) -> usize {
@@ -85,7 +93,20 @@ impl LogSink {
         if granted == 0 {
             return;
         }
+        let enabled = match self.stream {
+            Stream::Stdout => {
+                tracing::enabled!(target: "ordo::guest::stdout", tracing::Level::INFO)
+            }
+            Stream::Stderr => {
+                tracing::enabled!(target: "ordo::guest::stderr", tracing::Level::WARN)
+            }
+        };
+        if !enabled {
+            return;
+        }
         let text = String::from_utf8_lossy(&bytes[..granted]);
+        let span = make_span(self.span.as_ref());
+        let _span = span.enter();
         for line in text.lines().filter(|l| !l.is_empty()) {
             match self.stream {
                 Stream::Stdout => tracing::info!(target: "ordo::guest::stdout", "{line}"),
