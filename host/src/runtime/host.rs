@@ -478,8 +478,8 @@ impl HandlerModule {
     }
 
     /// [`invoke`](Self::invoke), recording the guest's log lines and
-    /// output in the span `log_span` makes (made only if the guest logs or
-    /// writes something).
+    /// output in the span `log_span` makes (made only for a line that the
+    /// log filter keeps).
     pub fn invoke_in(
         &self,
         msg: &Message,
