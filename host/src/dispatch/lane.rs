@@ -607,13 +607,13 @@ impl<'a> Builder<'a> {
     /// the batch; on failure nothing of the attempt does.
     fn invoke(&mut self, msg: &Message) -> anyhow::Result<Result<(), Failure>> {
         let ctx = self.lane.ctx;
-        let version = self.lane.active.for_key(&msg.partition_key);
+        let runnable = self.lane.active.for_key(&msg.partition_key);
         // The span of the guest's log lines, made only for a line that is
         // recorded. Its target is the guest's and its level the highest,
         // so it is there whenever a guest line is.
         let log_span: SpanFactory = {
             let (handler, version, partition) =
-                (ctx.handler.clone(), version.version, self.lane.partition);
+                (ctx.handler.clone(), runnable.version, self.lane.partition);
             let (key, offset, attempt) = (msg.partition_key.clone(), msg.offset, msg.attempt);
             Arc::new(move || {
                 tracing::error_span!(
@@ -631,7 +631,7 @@ impl<'a> Builder<'a> {
         let start = std::time::Instant::now();
         let (invocation, mut key_pending) = invoke_with_host_retries(
             ctx,
-            &version.module,
+            &runnable.module,
             self.lane.cache,
             msg,
             &log_span,

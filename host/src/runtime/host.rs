@@ -330,23 +330,21 @@ impl log::Host for HostState {
             self.overlay.dropped_log_lines += 1;
             return Ok(());
         }
-        let enabled = match level {
-            Level::Trace => tracing::enabled!(target: "ordo::guest", tracing::Level::TRACE),
-            Level::Debug => tracing::enabled!(target: "ordo::guest", tracing::Level::DEBUG),
-            Level::Info => tracing::enabled!(target: "ordo::guest", tracing::Level::INFO),
-            Level::Warn => tracing::enabled!(target: "ordo::guest", tracing::Level::WARN),
-            Level::Error => tracing::enabled!(target: "ordo::guest", tracing::Level::ERROR),
-        };
-        if enabled {
-            // The message's span is made only for a line that is recorded.
-            let _span = self.log_span.get().enter();
-            match level {
-                Level::Trace => tracing::trace!(target: "ordo::guest", "{message}"),
-                Level::Debug => tracing::debug!(target: "ordo::guest", "{message}"),
-                Level::Info => tracing::info!(target: "ordo::guest", "{message}"),
-                Level::Warn => tracing::warn!(target: "ordo::guest", "{message}"),
-                Level::Error => tracing::error!(target: "ordo::guest", "{message}"),
-            }
+        // The message's span is made only for a line that is recorded.
+        macro_rules! record {
+            ($level:expr) => {
+                if tracing::enabled!(target: "ordo::guest", $level) {
+                    let _span = self.log_span.get().enter();
+                    tracing::event!(target: "ordo::guest", $level, "{message}");
+                }
+            };
+        }
+        match level {
+            Level::Trace => record!(tracing::Level::TRACE),
+            Level::Debug => record!(tracing::Level::DEBUG),
+            Level::Info => record!(tracing::Level::INFO),
+            Level::Warn => record!(tracing::Level::WARN),
+            Level::Error => record!(tracing::Level::ERROR),
         }
         self.overlay.logs.push(LogLine { level, message });
         Ok(())
