@@ -8,7 +8,9 @@
 //! ordo can import an older export. State is listed one line per state key
 //! (key: handler, partition key, state key; value: the raw bytes), whatever
 //! the ledger layout, and the import gathers each partition key's lines
-//! into its record.
+//! into its record. The log is listed one line per message (key: topic,
+//! partition, offset; value: the message's record), whatever the ledger's
+//! segments, and the import writes each as a one-message segment.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -18,10 +20,10 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyReader};
-use super::records::{decode, decode_state, encode_state, StateMap};
+use super::records::{decode, decode_segment, decode_state, encode, encode_state, StateMap};
 use super::{
-    AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
-    Ledger, LedgerError, ParkedKey, Result, TopicConfig,
+    AuditRecord, DeadLetter, DedupRecord, DlqAction, HandlerControl, HandlerVersion, Ledger,
+    LedgerError, ParkedKey, Result, TopicConfig,
 };
 
 /// Export format name and version.
@@ -52,6 +54,20 @@ pub struct CheckReport {
     pub problems: Vec<String>,
 }
 
+/// (topic, partition, first offset) of a `log` key.
+fn parse_log(key: &[u8]) -> Result<(&str, u32, u64)> {
+    let mut r = KeyReader::new(key);
+    match (r.str(), r.u32(), r.u64()) {
+        (Some(topic), Some(partition), Some(offset)) if r.is_empty() => {
+            Ok((topic, partition, offset))
+        }
+        _ => Err(LedgerError::Corrupt(format!(
+            "log [{}]: key is not (topic, partition, offset)",
+            show_key(key)
+        ))),
+    }
+}
+
 fn show_key(key: &[u8]) -> String {
     String::from_utf8_lossy(key)
         .chars()
@@ -64,24 +80,39 @@ type ExportSink<'a> = dyn FnMut(&'static str, &[u8], &[u8]) -> Result<()> + 'a;
 
 impl Ledger {
     /// Calls `f` with (tree, key, value) of every export record, in export
-    /// order: a state record is listed as one entry per state key.
+    /// order: a state record is listed as one entry per state key, a log
+    /// segment as one entry per message.
     fn each_export_record(&self, f: &mut ExportSink<'_>) -> Result<()> {
         for (name, tree) in self.named_trees() {
             for entry in tree.iter() {
                 let (k, v) = entry?;
-                if name != "state" {
-                    f(name, &k, &v)?;
-                    continue;
-                }
-                let (handler, partition_key) = keys::parse_state(&k).ok_or_else(|| {
-                    LedgerError::Corrupt(format!("state [{}]: key does not decode", show_key(&k)))
-                })?;
-                for (state_key, value) in decode_state(&v)? {
-                    f(
-                        name,
-                        &keys::state_entry(handler, partition_key, &state_key),
-                        &value,
-                    )?;
+                match name {
+                    "state" => {
+                        let (handler, partition_key) = keys::parse_state(&k).ok_or_else(|| {
+                            LedgerError::Corrupt(format!(
+                                "state [{}]: key does not decode",
+                                show_key(&k)
+                            ))
+                        })?;
+                        for (state_key, value) in decode_state(&v)? {
+                            f(
+                                name,
+                                &keys::state_entry(handler, partition_key, &state_key),
+                                &value,
+                            )?;
+                        }
+                    }
+                    "log" => {
+                        let (topic, partition, first) = parse_log(&k)?;
+                        for (offset, message) in (first..).zip(decode_segment(&v)?) {
+                            f(
+                                name,
+                                &keys::log(topic, partition, offset),
+                                &encode(&message)?,
+                            )?;
+                        }
+                    }
+                    _ => f(name, &k, &v)?,
                 }
             }
         }
@@ -262,7 +293,35 @@ impl Ledger {
             }
             Ok(out)
         }
-        let _log: Vec<(Vec<u8>, Envelope)> = each(&t.log, "log", "log entry", p)?;
+        // Log segments: each decodes, and a partition's do not overlap.
+        let mut log_end: Option<(String, u32, u64)> = None;
+        for entry in t.log.iter() {
+            let (k, v) = entry?;
+            let at = || format!("log [{}]", show_key(&k));
+            let (topic, partition, first) = match parse_log(&k) {
+                Ok(key) => key,
+                Err(e) => {
+                    p.push(e.to_string());
+                    continue;
+                }
+            };
+            let entries = match decode_segment(&v) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    p.push(format!("{}: {e}", at()));
+                    continue;
+                }
+            };
+            if let Some((t, part, end)) = &log_end {
+                if t == topic && *part == partition && first < *end {
+                    p.push(format!(
+                        "{}: starts at offset {first}, inside the segment before it (which ends at {end})",
+                        at()
+                    ));
+                }
+            }
+            log_end = Some((topic.to_string(), partition, first + entries.len() as u64));
+        }
         for entry in t.state.iter() {
             let (k, v) = entry?;
             if keys::parse_state(&k).is_none() {

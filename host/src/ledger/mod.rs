@@ -44,7 +44,9 @@ use journal::Journal;
 use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
-use records::{decode, decode_state, encode, encode_state};
+use records::{
+    cut_segments, decode, decode_segment, decode_state, encode, encode_segment, encode_state,
+};
 pub use records::{
     AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
     HandlerControl, HandlerVersion, OnFailure, OutboxEntry, ParkedKey, RetryPolicy, StateMap,
@@ -172,8 +174,10 @@ const FORMAT_KEY: &[u8] = b"\0format";
 /// kind; 2 is one tree with a leading byte per record kind; 3 keeps a
 /// partition key's whole state in one `state` record (2 had one entry per
 /// state key) and may leave a batch in the `journal` tree after a crash
-/// (which an ordo reading format 2 would not finish).
-const FORMAT: u64 = 3;
+/// (which an ordo reading format 2 would not finish); 4 stores the log in
+/// segments, several consecutive messages of a partition per record (3
+/// had one record per message, which 4 still reads).
+const FORMAT: u64 = 4;
 
 /// The leading byte of the space `name` (one of [`SPACE_NAMES`]).
 fn space_byte(name: &str) -> u8 {
@@ -359,7 +363,12 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
     }
     if format != Some(FORMAT) {
         let state = Space::new(journal.clone(), space_byte("state"));
-        let keys = migrate_state(&state, &journal)?;
+        // Format 3's state needs nothing; nor its log (one message per
+        // record is a one-message segment).
+        let keys = match format {
+            Some(3..) => 0,
+            _ => migrate_state(&state, &journal)?,
+        };
         if keys > 0 {
             tracing::info!(
                 partition_keys = keys,
@@ -419,6 +428,13 @@ fn migrate_state(state: &Space, journal: &Journal) -> Result<u64> {
     close(&mut writes, group.take())?;
     writes.apply(journal)?;
     Ok(migrated)
+}
+
+/// The offset in a `log` key (the first offset of its segment).
+fn log_offset(key: &[u8]) -> Result<u64> {
+    let mut r = keys::KeyReader::new(key);
+    let (_, _, offset) = (r.str(), r.u32(), r.u64());
+    offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))
 }
 
 /// Default size of the ledger's page cache (see [`Ledger::open_with_cache`]).
@@ -548,12 +564,8 @@ impl Ledger {
         let prefix = keys::log_partition(topic, partition);
         let next = match self.trees().log.scan_prefix(&prefix).next_back() {
             Some(entry) => {
-                let (k, _) = entry?;
-                let mut r = keys::KeyReader::new(&k);
-                let (_, _, offset) = (r.str(), r.u32(), r.u64());
-                offset
-                    .map(|o| o + 1)
-                    .ok_or_else(|| LedgerError::Corrupt("log key".into()))?
+                let (k, v) = entry?;
+                log_offset(&k)? + decode_segment(&v)?.len() as u64
             }
             None => self
                 .meta_u64(&keys::low_watermark(topic, partition))?
@@ -614,13 +626,62 @@ impl Ledger {
         let mut map = self.lock_offsets();
         let targets: Vec<(&str, u32)> = appends.iter().map(|(t, p, _)| (*t, *p)).collect();
         let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
-        let log = &self.trees().log;
+        // Each partition's messages have consecutive offsets: they are
+        // written as segments (a few records instead of one per message).
+        let mut runs: Vec<((&str, u32), u64, Vec<&Envelope>)> = Vec::new();
         for ((topic, partition, env), offset) in appends.iter().zip(&offsets) {
-            writes.insert(log, &keys::log(topic, *partition, *offset), encode(*env)?);
+            match runs.iter_mut().find(|(t, _, _)| *t == (*topic, *partition)) {
+                Some((_, _, run)) => run.push(*env),
+                None => runs.push(((*topic, *partition), *offset, vec![*env])),
+            }
+        }
+        let log = &self.trees().log;
+        for ((topic, partition), first, run) in &runs {
+            cut_segments(*first, run, |offset, segment| {
+                writes.insert(
+                    log,
+                    &keys::log(topic, *partition, offset),
+                    encode_segment(segment)?,
+                );
+                Ok(())
+            })?;
         }
         self.apply(writes)?;
         map.extend(next);
         Ok(offsets)
+    }
+
+    /// The segments of a partition (first offset and messages) from the
+    /// one holding `from` on (or the first after it), oldest first, up to
+    /// those starting before offset `before`.
+    fn segments(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        before: u64,
+    ) -> Result<impl Iterator<Item = Result<(u64, Vec<Envelope>)>>> {
+        let log = &self.trees().log;
+        let (lowest, from_key) = (
+            keys::log(topic, partition, 0),
+            keys::log(topic, partition, from),
+        );
+        // The segment holding `from` starts at or before it.
+        let start = match log
+            .range(Bound::Included(&lowest), Some(Bound::Included(&from_key)))
+            .next_back()
+            .transpose()?
+        {
+            Some((k, _)) => k.to_vec(),
+            None => from_key,
+        };
+        let end = keys::log(topic, partition, before);
+        Ok(log
+            .range(Bound::Included(&start), Some(Bound::Excluded(&end)))
+            .map(|entry| {
+                let (k, v) = entry?;
+                Ok((log_offset(&k)?, decode_segment(&v)?))
+            }))
     }
 
     /// Reads up to `max` messages of a partition from `from` on.
@@ -631,20 +692,18 @@ impl Ledger {
         from: u64,
         max: usize,
     ) -> Result<Vec<(u64, Envelope)>> {
-        let start = keys::log(topic, partition, from);
-        let end = keys::log(topic, partition, u64::MAX);
         let mut out = Vec::new();
-        for entry in self
-            .trees()
-            .log
-            .range(Bound::Included(&start), Some(Bound::Included(&end)))
-            .take(max)
-        {
-            let (k, v) = entry?;
-            let mut r = keys::KeyReader::new(&k);
-            let (_, _, offset) = (r.str(), r.u32(), r.u64());
-            let offset = offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))?;
-            out.push((offset, decode(&v, "log entry")?));
+        for segment in self.segments(topic, partition, from, u64::MAX)? {
+            if out.len() >= max {
+                break;
+            }
+            let (first, entries) = segment?;
+            out.extend(
+                (first..)
+                    .zip(entries)
+                    .filter(|(offset, _)| *offset >= from)
+                    .take(max - out.len()),
+            );
         }
         Ok(out)
     }
@@ -667,24 +726,20 @@ impl Ledger {
         cutoff_ms: u64,
         max_scan: usize,
     ) -> Result<Option<u64>> {
-        let start = keys::log(topic, partition, 0);
-        let end = keys::log(topic, partition, keep_from);
         let mut bound = None;
-        for entry in self
-            .trees()
-            .log
-            .range(Bound::Included(&start), Some(Bound::Excluded(&end)))
-            .take(max_scan)
-        {
-            let (k, v) = entry?;
-            let mut r = keys::KeyReader::new(&k);
-            let (_, _, offset) = (r.str(), r.u32(), r.u64());
-            let offset = offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))?;
-            let envelope: Envelope = decode(&v, "log entry")?;
-            if envelope.appended_at_ms >= cutoff_ms {
+        let mut scanned = 0;
+        for segment in self.segments(topic, partition, 0, keep_from)? {
+            let (first, entries) = segment?;
+            let end = first + entries.len() as u64;
+            // Whole segments only.
+            if end > keep_from || entries.iter().any(|e| e.appended_at_ms >= cutoff_ms) {
                 break;
             }
-            bound = Some(offset + 1);
+            bound = Some(end);
+            scanned += entries.len();
+            if scanned >= max_scan {
+                break;
+            }
         }
         Ok(bound)
     }
@@ -698,34 +753,41 @@ impl Ledger {
             .next()
             .transpose()?;
         match first {
-            Some((k, _)) => {
-                let mut r = keys::KeyReader::new(&k);
-                let (_, _, offset) = (r.str(), r.u32(), r.u64());
-                offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))
-            }
+            Some((k, _)) => log_offset(&k),
             None => self.high_watermark(topic, partition),
         }
     }
 
-    /// Removes a partition's messages below `offset` (retention).
+    /// Removes a partition's messages below `offset` (retention), in whole
+    /// segments: a segment that also holds `offset` or later stays
+    /// ([`retention_bound`](Self::retention_bound) never cuts one). Returns
+    /// the number of messages removed.
     pub fn remove_before(&self, topic: &str, partition: u32, offset: u64) -> Result<usize> {
-        let start = keys::log(topic, partition, 0);
-        let end = keys::log(topic, partition, offset);
         let log = &self.trees().log;
         let mut writes = Writes::default();
-        for entry in log.range(Bound::Included(&start), Some(Bound::Excluded(&end))) {
-            writes.remove(log, &entry?.0);
+        let (mut removed, mut low) = (0, None);
+        for segment in self.segments(topic, partition, 0, offset)? {
+            let (first, entries) = segment?;
+            let end = first + entries.len() as u64;
+            if end > offset {
+                break;
+            }
+            writes.remove(log, &keys::log(topic, partition, first));
+            removed += entries.len();
+            low = Some(end);
         }
-        let n = writes.len();
+        let Some(low) = low else {
+            return Ok(0);
+        };
         // Remember where the log starts, so offsets never restart at 0 when
         // a partition is emptied by retention (in the same atomic batch).
         writes.insert(
             &self.trees().meta,
             &keys::low_watermark(topic, partition),
-            &offset.to_be_bytes(),
+            &low.to_be_bytes(),
         );
         self.apply(writes)?;
-        Ok(n)
+        Ok(removed)
     }
 
     /// Replaces a topic's configuration. Not durable until flushed.

@@ -50,6 +50,86 @@ pub struct Envelope {
     pub appended_at_ms: u64,
 }
 
+/// Record format of a log segment: consecutive messages of one partition
+/// in one record (format 4 of the ledger on). A one-message segment is
+/// written as the plain [`Envelope`] record, as every log record was
+/// before.
+const FORMAT_SEGMENT: u8 = 2;
+
+/// Messages a log segment holds at most.
+pub const SEGMENT_MAX_ENTRIES: usize = 256;
+/// Approximate encoded bytes a log segment holds at most (a bigger message
+/// is a segment of its own): below sled's blob threshold, and small enough
+/// that reading a few messages from the middle of one decodes little.
+pub const SEGMENT_MAX_BYTES: usize = 32 << 10;
+
+impl Envelope {
+    /// Approximate encoded size, for cutting segments.
+    pub fn encoded_len_hint(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum();
+        self.key.len()
+            + self.idempotency_key.as_ref().map_or(0, String::len)
+            + self.payload.len()
+            + headers
+            + 16
+    }
+}
+
+/// Encodes consecutive messages of one partition (at least one) as one
+/// log record.
+pub fn encode_segment(entries: &[&Envelope]) -> Result<Vec<u8>, LedgerError> {
+    if let [one] = entries {
+        return encode(*one);
+    }
+    let mut out = vec![FORMAT_SEGMENT];
+    postcard::to_io(entries, &mut out).map_err(|e| LedgerError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decodes a log record written by [`encode_segment`] (or a single
+/// message's record of an older ledger): its messages, at least one.
+pub fn decode_segment(bytes: &[u8]) -> Result<Vec<Envelope>, LedgerError> {
+    match bytes.split_first() {
+        Some((&FORMAT_SEGMENT, body)) => {
+            let entries: Vec<Envelope> = postcard::from_bytes(body)
+                .map_err(|e| LedgerError::Corrupt(format!("log segment: {e}")))?;
+            if entries.is_empty() {
+                return Err(LedgerError::Corrupt("log segment: empty".into()));
+            }
+            Ok(entries)
+        }
+        _ => Ok(vec![decode(bytes, "log entry")?]),
+    }
+}
+
+/// Cuts a partition's messages (consecutive offsets from `first`) into
+/// segments of at most [`SEGMENT_MAX_ENTRIES`] messages and about
+/// [`SEGMENT_MAX_BYTES`]; calls `f` with each segment's first offset and
+/// messages.
+pub fn cut_segments<'a>(
+    first: u64,
+    entries: &[&'a Envelope],
+    mut f: impl FnMut(u64, &[&'a Envelope]) -> Result<(), LedgerError>,
+) -> Result<(), LedgerError> {
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (i, e) in entries.iter().enumerate() {
+        let len = e.encoded_len_hint();
+        if i > start && (i - start == SEGMENT_MAX_ENTRIES || bytes + len > SEGMENT_MAX_BYTES) {
+            f(first + start as u64, &entries[start..i])?;
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < entries.len() {
+        f(first + start as u64, &entries[start..])?;
+    }
+    Ok(())
+}
+
 /// What happened to a message whose idempotency key is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DedupOutcome {
@@ -398,6 +478,61 @@ pub fn decode_state(bytes: &[u8]) -> Result<StateMap, LedgerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn envelope(payload_len: usize) -> Envelope {
+        Envelope {
+            key: "k".into(),
+            idempotency_key: Some("id".into()),
+            payload: vec![7; payload_len],
+            headers: vec![("h".into(), "v".into())],
+            appended_at_ms: 5,
+        }
+    }
+
+    #[test]
+    fn segments_round_trip_and_older_single_records_read_as_one() {
+        let (a, b) = (envelope(3), envelope(4));
+        let both = encode_segment(&[&a, &b]).unwrap();
+        assert_eq!(decode_segment(&both).unwrap(), vec![a.clone(), b.clone()]);
+        // One message: the plain record, as an older ledger wrote it.
+        let one = encode_segment(&[&a]).unwrap();
+        assert_eq!(one, encode(&a).unwrap());
+        assert_eq!(decode_segment(&one).unwrap(), vec![a]);
+        for cut in 0..both.len() {
+            assert!(decode_segment(&both[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(
+            decode_segment(&[FORMAT_SEGMENT, 0]).is_err(),
+            "empty segment"
+        );
+        assert!(decode_segment(&[9, 0])
+            .unwrap_err()
+            .to_string()
+            .contains("newer ordo"));
+    }
+
+    #[test]
+    fn segments_are_cut_by_count_and_size() {
+        let cut = |entries: &[Envelope]| {
+            let refs: Vec<&Envelope> = entries.iter().collect();
+            let mut out = Vec::new();
+            cut_segments(100, &refs, |first, seg| {
+                out.push((first, seg.len()));
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        let small: Vec<Envelope> = (0..600).map(|_| envelope(10)).collect();
+        assert_eq!(cut(&small), vec![(100, 256), (356, 256), (612, 88)]);
+        // 10 KiB messages: three fit in 32 KiB.
+        let big: Vec<Envelope> = (0..7).map(|_| envelope(10 << 10)).collect();
+        assert_eq!(cut(&big), vec![(100, 3), (103, 3), (106, 1)]);
+        // A message over the limit is a segment of its own.
+        let huge = vec![envelope(10), envelope(100 << 10), envelope(10)];
+        assert_eq!(cut(&huge), vec![(100, 1), (101, 1), (102, 1)]);
+        assert_eq!(cut(&[]), vec![]);
+    }
 
     #[test]
     fn state_records_round_trip_and_damage_is_reported() {

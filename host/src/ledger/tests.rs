@@ -712,3 +712,196 @@ fn recorded_keys_are_found_before_and_after_the_key_filter_fills() {
     drop(Ledger::open(dir.path()).unwrap());
     drop(Ledger::open(dir.path()).unwrap());
 }
+
+/// Records in the log space of a partition, as (first offset, messages).
+fn log_records(ledger: &Ledger, topic: &str, partition: u32) -> Vec<(u64, usize)> {
+    ledger
+        .segments(topic, partition, 0, u64::MAX)
+        .unwrap()
+        .map(|s| s.map(|(first, entries)| (first, entries.len())).unwrap())
+        .collect()
+}
+
+#[test]
+fn log_segments_serve_any_offset_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    // 700 messages per partition in one append, interleaved over two
+    // partitions, one of them too big to share a segment.
+    let mut items = Vec::new();
+    for i in 0..1400u32 {
+        let payload = if i == 601 {
+            "x".repeat(40 << 10)
+        } else {
+            i.to_string()
+        };
+        items.push((i % 2, env(&format!("k{i}"), &payload)));
+    }
+    let expect = |partition: u32, from: u64, max: usize| -> Vec<(u64, Envelope)> {
+        items
+            .iter()
+            .filter(|(p, _)| *p == partition)
+            .map(|(_, e)| e.clone())
+            .enumerate()
+            .map(|(o, e)| (o as u64, e))
+            .skip(from as usize)
+            .take(max)
+            .collect()
+    };
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let offsets = ledger.append_batch("t", &items).unwrap();
+        assert_eq!(offsets[..4], [0, 0, 1, 1]);
+        // Partition 1 holds the big message (its offset 300).
+        assert_eq!(
+            log_records(&ledger, "t", 0),
+            [(0, 256), (256, 256), (512, 188)]
+        );
+        assert_eq!(
+            log_records(&ledger, "t", 1),
+            [(0, 256), (256, 44), (300, 1), (301, 256), (557, 143)]
+        );
+        for partition in 0..2 {
+            for (from, max) in [
+                (0, 1),
+                (0, 700),
+                (255, 2),
+                (299, 3),
+                (300, 1),
+                (650, 100),
+                (699, 5),
+                (700, 5),
+                (9999, 1),
+            ] {
+                assert_eq!(
+                    ledger.read("t", partition, from, max).unwrap(),
+                    expect(partition, from, max),
+                    "partition {partition}, from {from}, max {max}"
+                );
+            }
+        }
+        ledger.flush().unwrap();
+    }
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_eq!(ledger.high_watermark("t", 1).unwrap(), 700);
+    assert_eq!(
+        ledger.append_batch("t", &[(1, env("k", "y"))]).unwrap(),
+        vec![700]
+    );
+    assert_eq!(ledger.read("t", 1, 699, 10).unwrap().len(), 2);
+    assert!(ledger.check().unwrap().problems.is_empty());
+}
+
+#[test]
+fn retention_removes_whole_segments_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    for _ in 0..3 {
+        let batch: Vec<(u32, Envelope)> = (0..100).map(|i| (0, env("k", &i.to_string()))).collect();
+        ledger.append_batch("t", &batch).unwrap();
+    }
+    let now = now_ms();
+    // Committed up to 150: the second segment (100..200) must stay whole.
+    assert_eq!(
+        ledger.retention_bound("t", 0, 150, now, 10_000).unwrap(),
+        Some(100)
+    );
+    // A scan limit stops at a segment's end.
+    assert_eq!(
+        ledger.retention_bound("t", 0, 300, now, 1).unwrap(),
+        Some(100)
+    );
+    // Too young: nothing.
+    assert_eq!(
+        ledger.retention_bound("t", 0, 300, 1, 10_000).unwrap(),
+        None
+    );
+    assert_eq!(ledger.remove_before("t", 0, 150).unwrap(), 100);
+    assert_eq!(ledger.low_watermark("t", 0).unwrap(), 100);
+    assert_eq!(ledger.read("t", 0, 0, 1).unwrap()[0].0, 100);
+    assert_eq!(
+        ledger.remove_before("t", 0, 150).unwrap(),
+        0,
+        "segment 100..200 stays"
+    );
+    assert_eq!(ledger.remove_before("t", 0, 300).unwrap(), 200);
+    ledger.flush().unwrap();
+    drop(ledger);
+    // Emptied: offsets go on from where the log ended.
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_eq!(ledger.low_watermark("t", 0).unwrap(), 300);
+    assert_eq!(
+        ledger.append_batch("t", &[(0, env("k", "y"))]).unwrap(),
+        vec![300]
+    );
+}
+
+#[test]
+fn a_format_3_log_of_one_record_per_message_is_read_and_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        // Format 3 wrote each message as its own record: as one-message
+        // appends do.
+        for i in 0..5 {
+            ledger
+                .append_batch("t", &[(0, env("k", &i.to_string()))])
+                .unwrap();
+        }
+        ledger.flush().unwrap();
+    }
+    {
+        let db = open_db(dir.path()).unwrap();
+        let tree = db.open_tree(LEDGER_TREE).unwrap();
+        tree.insert(FORMAT_KEY, &3u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    assert_eq!(format_of(dir.path()), Some(3));
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_eq!(
+        log_records(&ledger, "t", 0),
+        [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+    );
+    let batch: Vec<(u32, Envelope)> = (5..10).map(|i| (0, env("k", &i.to_string()))).collect();
+    assert_eq!(
+        ledger.append_batch("t", &batch).unwrap(),
+        (5..10).collect::<Vec<u64>>()
+    );
+    let read: Vec<String> = ledger
+        .read("t", 0, 3, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(o, e)| format!("{o}:{}", String::from_utf8_lossy(&e.payload)))
+        .collect();
+    assert_eq!(read, ["3:3", "4:4", "5:5", "6:6", "7:7", "8:8", "9:9"]);
+    drop(ledger);
+    assert_eq!(format_of(dir.path()), Some(FORMAT));
+}
+
+#[test]
+fn exports_list_the_log_per_message_and_check_finds_overlapping_segments() {
+    let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = Ledger::open(from.path()).unwrap();
+    let batch: Vec<(u32, Envelope)> = (0..10).map(|i| (0, env("k", &i.to_string()))).collect();
+    source.append_batch("t", &batch).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(source.export(&mut out, &|_| {}).unwrap(), 10);
+    let target = Ledger::open(to.path()).unwrap();
+    assert_eq!(target.import(&mut out.as_slice(), &|_, _| {}).unwrap(), 10);
+    assert_eq!(
+        target.read("t", 0, 0, 100).unwrap(),
+        source.read("t", 0, 0, 100).unwrap()
+    );
+    assert_eq!(target.high_watermark("t", 0).unwrap(), 10);
+    // A one-message record inside the segment 0..10.
+    source
+        .trees()
+        .log
+        .insert(keys::log("t", 0, 4), encode(&env("k", "x")).unwrap())
+        .unwrap();
+    let problems = source.check().unwrap().problems;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("inside the segment before it"),
+        "{problems:?}"
+    );
+}
