@@ -10,7 +10,8 @@
 //! the ledger layout, and the import gathers each partition key's lines
 //! into its record. The log is listed one line per message (key: topic,
 //! partition, offset; value: the message's record), whatever the ledger's
-//! segments, and the import writes each as a one-message segment.
+//! segments, and the import gathers a partition's consecutive messages
+//! into segments again.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -20,10 +21,13 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyReader};
-use super::records::{decode, decode_segment, decode_state, encode, encode_state, StateMap};
+use super::records::{
+    cut_segments, decode, decode_segment, decode_state, encode, encode_segment, encode_state,
+    StateMap,
+};
 use super::{
-    AuditRecord, DeadLetter, DedupRecord, DlqAction, HandlerControl, HandlerVersion, Ledger,
-    LedgerError, ParkedKey, Result, TopicConfig,
+    AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
+    Ledger, LedgerError, ParkedKey, Result, TopicConfig,
 };
 
 /// Export format name and version.
@@ -186,6 +190,9 @@ impl Ledger {
         // State lines of one partition key (consecutive in an export) are
         // gathered here and written as its record once the key changes.
         let mut gathering = StateGather::default();
+        // Likewise a partition's consecutive log messages, written as
+        // segments.
+        let mut run = LogRun::default();
         for (i, line) in input.lines().enumerate() {
             let line = line?;
             if line.trim().is_empty() {
@@ -229,6 +236,19 @@ impl Ledger {
                     gathering.key = Some((handler.to_string(), partition_key.to_string()));
                 }
                 gathering.entries.insert(state_key.to_string(), value);
+            } else if rec.tree == "log" {
+                let (topic, partition, offset) =
+                    parse_log(&key).map_err(|e| LedgerError::Corrupt(format!("line {at}: {e}")))?;
+                let messages = decode_segment(&value)
+                    .map_err(|e| LedgerError::Corrupt(format!("line {at}: {e}")))?;
+                if !run.continues(topic, partition, offset) {
+                    self.write_log_run(&mut run)?;
+                    run.at = Some((topic.to_string(), partition, offset));
+                }
+                run.messages.extend(messages);
+                if run.messages.len() >= LOG_RUN_MAX {
+                    self.write_log_run(&mut run)?;
+                }
             } else {
                 tree.insert(key, value)?;
             }
@@ -238,6 +258,7 @@ impl Ledger {
             }
         }
         self.write_gathered(&mut gathering)?;
+        self.write_log_run(&mut run)?;
         self.raise_id_floor(max_seq)?;
         self.flush()?;
         progress(n, header.records);
@@ -248,6 +269,21 @@ impl Ledger {
             )));
         }
         Ok(n)
+    }
+
+    /// Writes the log messages gathered for one partition as segments.
+    fn write_log_run(&self, run: &mut LogRun) -> Result<()> {
+        let Some((topic, partition, first)) = run.at.take() else {
+            return Ok(());
+        };
+        let messages = std::mem::take(&mut run.messages);
+        let refs: Vec<&Envelope> = messages.iter().collect();
+        cut_segments(first, &refs, |offset, segment| {
+            self.trees().log.insert(
+                keys::log(&topic, partition, offset),
+                encode_segment(segment)?,
+            )
+        })
     }
 
     /// Writes the state entries gathered for one partition key as its
@@ -457,6 +493,27 @@ mod erased_line {
         fn line(&self) -> Result<String, LedgerError> {
             serde_json::to_string(self).map_err(|e| LedgerError::Encode(e.to_string()))
         }
+    }
+}
+
+/// Messages an import gathers at most before writing them (a whole number
+/// of full segments).
+const LOG_RUN_MAX: usize = 16 * super::records::SEGMENT_MAX_ENTRIES;
+
+/// An import's consecutive log messages of one partition, not yet written.
+#[derive(Default)]
+struct LogRun {
+    /// (topic, partition, first offset) of the messages.
+    at: Option<(String, u32, u64)>,
+    messages: Vec<Envelope>,
+}
+
+impl LogRun {
+    /// Whether the message at `offset` of (`topic`, `partition`) comes
+    /// right after the run.
+    fn continues(&self, topic: &str, partition: u32, offset: u64) -> bool {
+        matches!(&self.at, Some((t, p, first))
+            if t == topic && *p == partition && first + self.messages.len() as u64 == offset)
     }
 }
 

@@ -892,6 +892,7 @@ fn exports_list_the_log_per_message_and_check_finds_overlapping_segments() {
         source.read("t", 0, 0, 100).unwrap()
     );
     assert_eq!(target.high_watermark("t", 0).unwrap(), 10);
+    assert_eq!(log_records(&target, "t", 0), [(0, 10)], "gathered again");
     // A one-message record inside the segment 0..10.
     source
         .trees()
@@ -904,4 +905,46 @@ fn exports_list_the_log_per_message_and_check_finds_overlapping_segments() {
         problems[0].contains("inside the segment before it"),
         "{problems:?}"
     );
+}
+
+#[test]
+fn imports_gather_long_logs_into_full_segments() {
+    let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = Ledger::open(from.path()).unwrap();
+    // Appended one message at a time (one record each); partition 0 longer
+    // than an import gathers at once, with one message far bigger than a
+    // segment.
+    for i in 0..5000u32 {
+        let payload = if i == 2500 {
+            "x".repeat(40 << 10)
+        } else {
+            i.to_string()
+        };
+        let partition = if i < 4600 { 0 } else { 1 };
+        source
+            .append_batch("t", &[(partition, env("k", &payload))])
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    assert_eq!(source.export(&mut out, &|_| {}).unwrap(), 5000);
+    let target = Ledger::open(to.path()).unwrap();
+    assert_eq!(
+        target.import(&mut out.as_slice(), &|_, _| {}).unwrap(),
+        5000
+    );
+    for p in 0..2 {
+        assert_eq!(
+            target.read("t", p, 0, 5000).unwrap(),
+            source.read("t", p, 0, 5000).unwrap()
+        );
+    }
+    let full = |from: u64, n: u64| (0..n).map(move |i| (from + 256 * i, 256));
+    let mut p0: Vec<(u64, usize)> = full(0, 9).collect();
+    // Cut before and after the big message, and after 4096 gathered.
+    p0.extend([(2304, 196), (2500, 1)]);
+    p0.extend(full(2501, 6));
+    p0.extend([(4037, 59), (4096, 256), (4352, 248)]);
+    assert_eq!(log_records(&target, "t", 0), p0);
+    assert_eq!(log_records(&target, "t", 1), [(0, 256), (256, 144)]);
+    assert!(target.check().unwrap().problems.is_empty());
 }
