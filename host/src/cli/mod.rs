@@ -696,7 +696,14 @@ fn open_ledger(
             data_dir.display()
         );
     }
-    crate::ledger::Ledger::open(&dir).with_context(|| {
+    // check and export leave an older ordo's layout as it is; import
+    // writes a new ledger in this ordo's layout.
+    let opened = if must_exist {
+        crate::ledger::Ledger::open_existing(&dir)
+    } else {
+        crate::ledger::Ledger::open(&dir)
+    };
+    opened.with_context(|| {
         format!(
             "opening the ledger in {} (stop `ordo serve` first: the ledger is locked while it runs)",
             data_dir.display()

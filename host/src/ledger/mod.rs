@@ -178,6 +178,20 @@ const FORMAT_KEY: &[u8] = b"\0format";
 /// segments, several consecutive messages of a partition per record (3
 /// had one record per message, which 4 still reads).
 const FORMAT: u64 = 4;
+/// The oldest layout this ordo reads without migrating it (format 3's
+/// one-message log records are one-message segments).
+const READS_FROM: u64 = 3;
+
+/// Whether opening a ledger may move its layout forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    /// Migrate an older layout and record this ordo's format (the host).
+    Migrate,
+    /// Leave the layout version as it is (the offline tools): a layout
+    /// this ordo reads as it is stays readable by the ordo that wrote it;
+    /// an older one is refused untouched.
+    Never,
+}
 
 /// The leading byte of the space `name` (one of [`SPACE_NAMES`]).
 fn space_byte(name: &str) -> u8 {
@@ -310,7 +324,11 @@ pub struct Ledger {
 /// Crash-safe: the copy is only taken as done once the format key is
 /// durable after it; a copy interrupted before that is redone from the
 /// untouched old trees, which are dropped only afterwards.
-fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Journal>> {
+fn open_layout(
+    db: &sled::Db,
+    durable: &dyn Fn() -> Result<()>,
+    upgrade: Upgrade,
+) -> Result<Arc<Journal>> {
     let has_tree = |name: &str| {
         db.tree_names()
             .iter()
@@ -331,6 +349,22 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
         return Err(LedgerError::Corrupt(format!(
             "ledger format {format} was written by a newer ordo (this one reads up to {FORMAT})"
         )));
+    }
+    if upgrade == Upgrade::Never {
+        return match format {
+            // Finishing a batch a crash interrupted is part of reading any
+            // layout that has the journal (format 3 on).
+            Some(f) if f >= READS_FROM => Journal::open(db, tree, durable),
+            None if tree.is_empty() && !SPACE_NAMES.iter().any(|n| has_tree(n)) => Err(
+                LedgerError::Corrupt("the directory holds no ledger (nothing was written to it)".into()),
+            ),
+            older => Err(LedgerError::Corrupt(format!(
+                "ledger format {} is older than this ordo reads without migrating it (it reads {READS_FROM} to {FORMAT}); \
+                 `ordo serve` of this version migrates it on start (an older ordo then refuses it), \
+                 or use the ordo that wrote it",
+                older.unwrap_or(1)
+            ))),
+        };
     }
     // Before anything else reads the tree: finish a batch a crash
     // interrupted.
@@ -366,7 +400,7 @@ fn open_layout(db: &sled::Db, durable: &dyn Fn() -> Result<()>) -> Result<Arc<Jo
         // Format 3's state needs nothing; nor its log (one message per
         // record is a one-message segment).
         let keys = match format {
-            Some(3..) => 0,
+            Some(f) if f >= READS_FROM => 0,
             _ => migrate_state(&state, &journal)?,
         };
         if keys > 0 {
@@ -481,6 +515,19 @@ impl Ledger {
     /// cache (old idempotency keys, cold partition keys' state) read the
     /// disk; a cache as large as the ledger keeps every lookup in memory.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Ledger> {
+        Self::open_as(dir, cache_bytes, Upgrade::Migrate)
+    }
+
+    /// Opens an existing ledger for the offline tools (`check`, `export`)
+    /// without moving its layout version forward: a ledger written by an
+    /// older ordo that this one reads as it is (format 3 on) stays as it
+    /// was, so the older ordo can still open it afterwards; one that would
+    /// need a migration is refused untouched.
+    pub fn open_existing(dir: &Path) -> Result<Ledger> {
+        Self::open_as(dir, DEFAULT_CACHE_BYTES, Upgrade::Never)
+    }
+
+    fn open_as(dir: &Path, cache_bytes: u64, upgrade: Upgrade) -> Result<Ledger> {
         std::fs::create_dir_all(dir)?;
         let db = open_db_cached(dir, cache_bytes)?;
         let data_file = File::open(dir.join("db")).ok();
@@ -499,7 +546,7 @@ impl Ledger {
             }
             Ok(())
         };
-        let journal = open_layout(&db, &durable)?;
+        let journal = open_layout(&db, &durable, upgrade)?;
         let trees = Trees::new(&journal);
         let id_floor = match trees.meta.get(ID_FLOOR_KEY)? {
             Some(v) => u64::from_be_bytes(

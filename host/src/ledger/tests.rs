@@ -948,3 +948,47 @@ fn imports_gather_long_logs_into_full_segments() {
     assert_eq!(log_records(&target, "t", 1), [(0, 256), (256, 144)]);
     assert!(target.check().unwrap().problems.is_empty());
 }
+
+#[test]
+fn the_tools_leave_an_older_layout_as_it_is_or_refuse_it_untouched() {
+    // Format 3 (read as it is): opened, read, and still format 3 after.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.append_batch("t", &[(0, env("k", "a"))]).unwrap();
+        ledger.flush().unwrap();
+    }
+    {
+        let db = open_db(dir.path()).unwrap();
+        let tree = db.open_tree(LEDGER_TREE).unwrap();
+        tree.insert(FORMAT_KEY, &3u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let ledger = Ledger::open_existing(dir.path()).unwrap();
+        assert_eq!(ledger.read("t", 0, 0, 10).unwrap().len(), 1);
+        assert!(ledger.check().unwrap().problems.is_empty());
+    }
+    assert_eq!(format_of(dir.path()), Some(3));
+    // Format 2 (would need its state migrated): refused, left as it was.
+    let old = tempfile::tempdir().unwrap();
+    {
+        let db = open_db(old.path()).unwrap();
+        let tree = db.open_tree(LEDGER_TREE).unwrap();
+        tree.insert(FORMAT_KEY, &2u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = Ledger::open_existing(old.path()).err().unwrap().to_string();
+    assert!(err.contains("ledger format 2 is older"), "{err}");
+    assert_eq!(format_of(old.path()), Some(2));
+    // Nothing ever written: said so, not called an old layout.
+    let empty = tempfile::tempdir().unwrap();
+    let err = Ledger::open_existing(empty.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("holds no ledger"), "{err}");
+    // The host's open migrates.
+    drop(Ledger::open(old.path()).unwrap());
+    assert_eq!(format_of(old.path()), Some(FORMAT));
+}
