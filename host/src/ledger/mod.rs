@@ -528,6 +528,12 @@ impl Ledger {
     }
 
     fn open_as(dir: &Path, cache_bytes: u64, upgrade: Upgrade) -> Result<Ledger> {
+        if upgrade == Upgrade::Never && !dir.is_dir() {
+            return Err(LedgerError::Corrupt(format!(
+                "{} holds no ledger (no such directory)",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(dir)?;
         let db = open_db_cached(dir, cache_bytes)?;
         let data_file = File::open(dir.join("db")).ok();
@@ -676,11 +682,13 @@ impl Ledger {
         // Each partition's messages have consecutive offsets: they are
         // written as segments (a few records instead of one per message).
         let mut runs: Vec<((&str, u32), u64, Vec<&Envelope>)> = Vec::new();
+        let mut run_of: HashMap<(&str, u32), usize> = HashMap::new();
         for ((topic, partition, env), offset) in appends.iter().zip(&offsets) {
-            match runs.iter_mut().find(|(t, _, _)| *t == (*topic, *partition)) {
-                Some((_, _, run)) => run.push(*env),
-                None => runs.push(((*topic, *partition), *offset, vec![*env])),
-            }
+            let i = *run_of.entry((*topic, *partition)).or_insert_with(|| {
+                runs.push(((*topic, *partition), *offset, Vec::new()));
+                runs.len() - 1
+            });
+            runs[i].2.push(*env);
         }
         let log = &self.trees().log;
         for ((topic, partition), first, run) in &runs {
@@ -763,8 +771,9 @@ impl Ledger {
 
     /// The offset below which a partition's messages may be removed under
     /// retention: every message below it is below `keep_from` (committed by
-    /// every subscriber) and was appended before `cutoff_ms`. Looks at most
-    /// at `max_scan` messages; `None` when nothing may be removed.
+    /// every subscriber) and was appended before `cutoff_ms`, and it is the
+    /// end of a segment. Stops at the first segment that reaches
+    /// `max_scan` messages in all; `None` when nothing may be removed.
     pub fn retention_bound(
         &self,
         topic: &str,

@@ -988,6 +988,10 @@ fn the_tools_leave_an_older_layout_as_it_is_or_refuse_it_untouched() {
         .unwrap()
         .to_string();
     assert!(err.contains("holds no ledger"), "{err}");
+    let missing = empty.path().join("missing");
+    let err = Ledger::open_existing(&missing).err().unwrap().to_string();
+    assert!(err.contains("no such directory"), "{err}");
+    assert!(!missing.exists(), "not created");
     // The host's open migrates.
     drop(Ledger::open(old.path()).unwrap());
     assert_eq!(format_of(old.path()), Some(FORMAT));
