@@ -183,3 +183,62 @@ async fn serve_applies_the_config_and_redeploys_only_on_change() {
     assert_eq!(versions["versions"][1]["comment"], "from ordo.toml");
     assert_eq!(versions["versions"][1]["limits"]["deadline_ms"], 500);
 }
+
+/// The counter keeps `count`, `seqs` ("1,2,…") and `attempt`: 17 + 2n bytes
+/// of state keys and values after message n ≤ 9, 39 after the 10th, 42
+/// after the 11th.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ordo.toml");
+    let text = format!(
+        "[handlers.counter]\ncomponent = \"{}\"\ntopic = \"orders\"\n\
+         retry = {{ on_failure = \"dead-letter\" }}\n\
+         limits = {{ max_state_bytes_per_key = 40 }}\n",
+        handler_path("counter").display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    let path_arg = path.to_str().expect("path").to_string();
+    let mut server = Server::start_with(&["--config", &path_arg]).await;
+    let client = server.client();
+    let batch: Vec<serde_json::Value> = (1..=11)
+        .map(|seq| json!({"key": "k", "idempotency_key": format!("k/{seq}"), "payload": format!("{{\"seq\":{seq}}}")}))
+        .collect();
+    client
+        .produce("orders", &json!(batch))
+        .await
+        .expect("produce");
+    let status = crate::server::wait_for(&client, "counter", "11th dead-lettered", |h| {
+        h["dead_lettered"] == 1 && h["lag"] == 0
+    })
+    .await;
+    assert_eq!(status["processed"], 10, "{status}");
+    assert_eq!(
+        state(&client, "counter", "k", "count").await.as_deref(),
+        Some("10"),
+        "nothing of the 11th applied"
+    );
+    let dead = client
+        .get_json("/v1/dlq?handler=counter&key=k")
+        .await
+        .expect("dlq");
+    let entry = &dead["entries"][0];
+    assert_eq!(entry["error_kind"], "quota-exceeded", "{dead}");
+    let error = entry["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("42 bytes") && error.contains("max_state_bytes_per_key"),
+        "{error}"
+    );
+    // The limit is part of the version, read back after a restart.
+    server.restart().await;
+    let versions = server
+        .client()
+        .get_json("/v1/handlers/counter/versions")
+        .await
+        .expect("versions");
+    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        versions["versions"][0]["limits"]["max_state_bytes_per_key"],
+        40
+    );
+}

@@ -83,6 +83,15 @@ impl Executor {
             }
         }
     }
+
+    /// The most a partition key's whole state may take, for a sandboxed
+    /// handler (see [`crate::runtime::HandlerLimits::max_state_bytes_per_key`]).
+    fn max_state_bytes_per_key(&self) -> Option<usize> {
+        match self {
+            Executor::Wasm(module) => Some(module.limits().max_state_bytes_per_key),
+            Executor::Native(_) => None,
+        }
+    }
 }
 
 /// One loaded handler version.
@@ -511,6 +520,35 @@ impl StateCache {
         }
     }
 
+    /// Bytes of a key's whole state (state keys and values) once the
+    /// batch's uncommitted writes and then one message's are applied to
+    /// its committed record.
+    fn state_bytes_after(
+        &mut self,
+        ledger: &Ledger,
+        handler: &str,
+        partition_key: &str,
+        pending: &PendingWrites,
+        writes: &PendingWrites,
+    ) -> anyhow::Result<usize> {
+        let record = self.take(ledger, handler, partition_key)?;
+        let entry = |k: &String, v: &Vec<u8>| k.len() + v.len();
+        let mut size: usize = record.iter().map(|(k, v)| entry(k, v)).sum();
+        let changed = writes
+            .iter()
+            .chain(pending.iter().filter(|(k, _)| !writes.contains_key(*k)));
+        for (k, v) in changed {
+            if let Some(old) = record.get(k) {
+                size -= entry(k, old);
+            }
+            if let Some(v) = v {
+                size += entry(k, v);
+            }
+        }
+        self.put(partition_key.to_string(), record);
+        Ok(size)
+    }
+
     fn put(&mut self, partition_key: String, record: StateMap) {
         if !self.keys.contains_key(&partition_key) && self.keys.len() >= self.max_keys {
             self.keys.clear();
@@ -642,7 +680,33 @@ impl<'a> Builder<'a> {
             .handler_seconds
             .get_or_create(&ctx.label)
             .observe(start.elapsed().as_secs_f64());
-        let result = match invocation.outcome {
+        let outcome = match (
+            invocation.outcome,
+            runnable.module.max_state_bytes_per_key(),
+        ) {
+            (Ok(()), Some(limit)) if !invocation.overlay.writes.is_empty() => {
+                let size = lock(self.lane.cache).state_bytes_after(
+                    &ctx.ledger,
+                    &ctx.handler,
+                    &msg.partition_key,
+                    &key_pending,
+                    &invocation.overlay.writes,
+                )?;
+                if size > limit {
+                    Err(Failure::new(
+                        FailureKind::QuotaExceeded,
+                        format!(
+                            "the state of partition key {:?} would take {size} bytes, over the handler's {limit}-byte limit (max_state_bytes_per_key)",
+                            msg.partition_key
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            (outcome, _) => outcome,
+        };
+        let result = match outcome {
             Ok(()) => {
                 for (k, v) in invocation.overlay.writes {
                     key_pending.insert(k, v);

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyReader};
 use super::records::{
-    cut_segments, decode, decode_segment, decode_state, encode, encode_segment, encode_state,
-    StateMap,
+    cut_segments, decode, decode_handler_version, decode_segment, decode_state, encode,
+    encode_segment, encode_state, StateMap,
 };
 use super::{
     AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
@@ -373,8 +373,14 @@ impl Ledger {
         let actions: Vec<(Vec<u8>, DlqAction)> =
             each(&t.dlq_actions, "dlq_actions", "dlq action", p)?;
         let _audit: Vec<(Vec<u8>, AuditRecord)> = each(&t.audit, "audit", "audit record", p)?;
-        let versions: Vec<(Vec<u8>, HandlerVersion)> =
-            each(&t.handlers, "handlers", "handler version", p)?;
+        let mut versions: Vec<(Vec<u8>, HandlerVersion)> = Vec::new();
+        for entry in t.handlers.iter() {
+            let (k, v) = entry?;
+            match decode_handler_version(&v) {
+                Ok(r) => versions.push((k.to_vec(), r)),
+                Err(e) => p.push(format!("handlers [{}]: {e}", show_key(&k))),
+            }
+        }
         for entry in t.cursor.iter() {
             let (k, v) = entry?;
             if v.len() != 8 {

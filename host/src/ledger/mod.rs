@@ -45,7 +45,8 @@ use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
 use records::{
-    cut_segments, decode, decode_segment, decode_state, encode, encode_segment, encode_state,
+    cut_segments, decode, decode_handler_version, decode_segment, decode_state, encode,
+    encode_handler_version, encode_segment, encode_state,
 };
 pub use records::{
     AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
@@ -1273,9 +1274,10 @@ impl Ledger {
 
     /// Records a deployed version.
     pub fn put_handler_version(&self, v: &HandlerVersion) -> Result<()> {
-        self.trees()
-            .handlers
-            .insert(keys::handler_version(&v.name, v.version), encode(v)?)?;
+        self.trees().handlers.insert(
+            keys::handler_version(&v.name, v.version),
+            encode_handler_version(v)?,
+        )?;
         Ok(())
     }
 
@@ -1288,7 +1290,7 @@ impl Ledger {
             .scan_prefix(&keys::handler_prefix(name))
         {
             let (_, v) = entry?;
-            out.push(decode(&v, "handler version")?);
+            out.push(decode_handler_version(&v)?);
         }
         Ok(out)
     }
@@ -1298,7 +1300,7 @@ impl Ledger {
         let mut latest: Vec<HandlerVersion> = Vec::new();
         for entry in self.trees().handlers.iter() {
             let (_, v) = entry?;
-            let v: HandlerVersion = decode(&v, "handler version")?;
+            let v = decode_handler_version(&v)?;
             match latest.last_mut() {
                 Some(last) if last.name == v.name => *last = v,
                 _ => latest.push(v),

@@ -228,6 +228,89 @@ pub struct HandlerVersion {
     pub limits: crate::runtime::HandlerLimits,
 }
 
+/// Record format of a [`HandlerVersion`] whose limits include
+/// `max_state_bytes_per_key` (format 1 had no such field).
+const HANDLER_VERSION_V2: u8 = 2;
+
+/// Encodes a [`HandlerVersion`] (format 2).
+pub fn encode_handler_version(v: &HandlerVersion) -> Result<Vec<u8>, LedgerError> {
+    let mut out = vec![HANDLER_VERSION_V2];
+    postcard::to_io(v, &mut out).map_err(|e| LedgerError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decodes a [`HandlerVersion`] of format 2, or of format 1 (its limits
+/// get the default `max_state_bytes_per_key`).
+pub fn decode_handler_version(bytes: &[u8]) -> Result<HandlerVersion, LedgerError> {
+    let what = "handler version";
+    match bytes.split_first() {
+        Some((&HANDLER_VERSION_V2, body)) => {
+            postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
+        }
+        _ => decode::<HandlerVersionV1>(bytes, what).map(HandlerVersion::from),
+    }
+}
+
+/// A [`HandlerVersion`] as format 1 stored it.
+#[derive(Deserialize)]
+struct HandlerVersionV1 {
+    name: String,
+    version: u64,
+    content_hash: String,
+    topic: String,
+    deployed_at_ms: u64,
+    comment: Option<String>,
+    size: u64,
+    from_latest: bool,
+    policy: FailurePolicy,
+    limits: HandlerLimitsV1,
+}
+
+/// [`crate::runtime::HandlerLimits`] as format 1 stored them.
+#[derive(Deserialize)]
+struct HandlerLimitsV1 {
+    deadline_ms: u64,
+    memory_bytes: usize,
+    table_elements: usize,
+    instances: usize,
+    max_state_value_bytes: usize,
+    max_state_writes: usize,
+    max_emits: usize,
+    max_emit_bytes: usize,
+    max_log_lines: usize,
+    max_stdio_bytes: usize,
+}
+
+impl From<HandlerVersionV1> for HandlerVersion {
+    fn from(v: HandlerVersionV1) -> Self {
+        let l = v.limits;
+        HandlerVersion {
+            name: v.name,
+            version: v.version,
+            content_hash: v.content_hash,
+            topic: v.topic,
+            deployed_at_ms: v.deployed_at_ms,
+            comment: v.comment,
+            size: v.size,
+            from_latest: v.from_latest,
+            policy: v.policy,
+            limits: crate::runtime::HandlerLimits {
+                deadline_ms: l.deadline_ms,
+                memory_bytes: l.memory_bytes,
+                table_elements: l.table_elements,
+                instances: l.instances,
+                max_state_value_bytes: l.max_state_value_bytes,
+                max_state_writes: l.max_state_writes,
+                max_emits: l.max_emits,
+                max_emit_bytes: l.max_emit_bytes,
+                max_log_lines: l.max_log_lines,
+                max_stdio_bytes: l.max_stdio_bytes,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// Which version of a handler runs, and whether it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct HandlerControl {
@@ -506,6 +589,76 @@ mod tests {
             "empty segment"
         );
         assert!(decode_segment(&[9, 0])
+            .unwrap_err()
+            .to_string()
+            .contains("newer ordo"));
+    }
+
+    #[test]
+    fn handler_versions_of_format_1_read_with_the_default_state_limit() {
+        use crate::runtime::HandlerLimits;
+        let mut v = HandlerVersion {
+            name: "h".into(),
+            version: 3,
+            content_hash: "abc".into(),
+            topic: "t".into(),
+            deployed_at_ms: 9,
+            comment: Some("c".into()),
+            size: 100,
+            from_latest: true,
+            policy: FailurePolicy::default(),
+            limits: HandlerLimits {
+                deadline_ms: 250,
+                max_stdio_bytes: 7,
+                ..HandlerLimits::default()
+            },
+        };
+        // Format 1: the same fields, the limits without the last one.
+        #[derive(Serialize)]
+        struct V1<'a> {
+            name: &'a str,
+            version: u64,
+            content_hash: &'a str,
+            topic: &'a str,
+            deployed_at_ms: u64,
+            comment: &'a Option<String>,
+            size: u64,
+            from_latest: bool,
+            policy: &'a FailurePolicy,
+            limits: [usize; 10],
+        }
+        let l = &v.limits;
+        let old = encode(&V1 {
+            name: &v.name,
+            version: v.version,
+            content_hash: &v.content_hash,
+            topic: &v.topic,
+            deployed_at_ms: v.deployed_at_ms,
+            comment: &v.comment,
+            size: v.size,
+            from_latest: v.from_latest,
+            policy: &v.policy,
+            limits: [
+                l.deadline_ms as usize,
+                l.memory_bytes,
+                l.table_elements,
+                l.instances,
+                l.max_state_value_bytes,
+                l.max_state_writes,
+                l.max_emits,
+                l.max_emit_bytes,
+                l.max_log_lines,
+                l.max_stdio_bytes,
+            ],
+        })
+        .unwrap();
+        assert_eq!(decode_handler_version(&old).unwrap(), v);
+        v.limits.max_state_bytes_per_key = 1234;
+        let new = encode_handler_version(&v).unwrap();
+        assert_eq!(new[0], HANDLER_VERSION_V2);
+        assert_eq!(decode_handler_version(&new).unwrap(), v);
+        assert!(decode_handler_version(&new[..new.len() - 1]).is_err());
+        assert!(decode_handler_version(&[9, 0])
             .unwrap_err()
             .to_string()
             .contains("newer ordo"));

@@ -28,6 +28,12 @@ pub struct HandlerLimits {
     pub max_log_lines: usize,
     /// Bytes of guest stdout/stderr forwarded to the host log per message.
     pub max_stdio_bytes: usize,
+    /// Maximum size of one partition key's whole state (every state key
+    /// and value), in bytes. A message whose writes would take its key
+    /// past it fails (`quota-exceeded`) with none of its writes applied:
+    /// the key's state is one ledger record, rewritten whole by every
+    /// batch that changes it, so an unbounded record is a cliff.
+    pub max_state_bytes_per_key: usize,
 }
 
 impl Default for HandlerLimits {
@@ -44,6 +50,7 @@ impl Default for HandlerLimits {
             max_emit_bytes: 4 << 20,
             max_log_lines: 100,
             max_stdio_bytes: 16 << 10,
+            max_state_bytes_per_key: 4 << 20,
         }
     }
 }
