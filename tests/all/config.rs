@@ -116,6 +116,19 @@ fn bad_config_files_name_the_place() {
     }
 }
 
+/// Restarts the server (same config) and checks that the counter still
+/// has one version; returns its versions.
+async fn restarted_with_one_version(server: &mut Server) -> serde_json::Value {
+    server.restart().await;
+    let versions = server
+        .client()
+        .get_json("/v1/handlers/counter/versions")
+        .await
+        .expect("versions");
+    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
+    versions
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_applies_the_config_and_redeploys_only_on_change() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -159,13 +172,7 @@ async fn serve_applies_the_config_and_redeploys_only_on_change() {
     assert_eq!(other["partitions"], 4);
 
     // Same file: nothing redeployed.
-    server.restart().await;
-    let versions = server
-        .client()
-        .get_json("/v1/handlers/counter/versions")
-        .await
-        .expect("versions");
-    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
+    restarted_with_one_version(&mut server).await;
 
     // Changed policy: a new version, with the file's comment.
     write_config(dir.path(), 4);
@@ -208,11 +215,15 @@ async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
         .produce("orders", &json!(batch))
         .await
         .expect("produce");
-    let status = crate::server::wait_for(&client, "counter", "11th dead-lettered", |h| {
-        h["dead_lettered"] == 1 && h["lag"] == 0
-    })
+    // Dead letters are counted from the ledger, the processed messages once
+    // their batch is durable: wait for both.
+    crate::server::wait_for(
+        &client,
+        "counter",
+        "10 processed, the 11th dead-lettered",
+        |h| h["processed"] == 10 && h["dead_lettered"] == 1 && h["lag"] == 0,
+    )
     .await;
-    assert_eq!(status["processed"], 10, "{status}");
     assert_eq!(
         state(&client, "counter", "k", "count").await.as_deref(),
         Some("10"),
@@ -230,13 +241,7 @@ async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
         "{error}"
     );
     // The limit is part of the version, read back after a restart.
-    server.restart().await;
-    let versions = server
-        .client()
-        .get_json("/v1/handlers/counter/versions")
-        .await
-        .expect("versions");
-    assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
+    let versions = restarted_with_one_version(&mut server).await;
     assert_eq!(
         versions["versions"][0]["limits"]["max_state_bytes_per_key"],
         40
