@@ -520,6 +520,21 @@ impl StateCache {
         }
     }
 
+    /// `f` of the key's committed record, which is cached afterwards (read
+    /// from the ledger when not cached).
+    fn with_record<R>(
+        &mut self,
+        ledger: &Ledger,
+        handler: &str,
+        partition_key: &str,
+        f: impl FnOnce(&StateMap) -> R,
+    ) -> anyhow::Result<R> {
+        let record = self.take(ledger, handler, partition_key)?;
+        let result = f(&record);
+        self.put(partition_key.to_string(), record);
+        Ok(result)
+    }
+
     /// Bytes of a key's whole state (state keys and values) once the
     /// batch's uncommitted writes and then one message's are applied to
     /// its committed record.
@@ -531,22 +546,22 @@ impl StateCache {
         pending: &PendingWrites,
         writes: &PendingWrites,
     ) -> anyhow::Result<usize> {
-        let record = self.take(ledger, handler, partition_key)?;
-        let entry = |k: &String, v: &Vec<u8>| k.len() + v.len();
-        let mut size: usize = record.iter().map(|(k, v)| entry(k, v)).sum();
-        let changed = writes
-            .iter()
-            .chain(pending.iter().filter(|(k, _)| !writes.contains_key(*k)));
-        for (k, v) in changed {
-            if let Some(old) = record.get(k) {
-                size -= entry(k, old);
+        self.with_record(ledger, handler, partition_key, |record| {
+            let entry = |k: &String, v: &Vec<u8>| k.len() + v.len();
+            let mut size: usize = record.iter().map(|(k, v)| entry(k, v)).sum();
+            let changed = writes
+                .iter()
+                .chain(pending.iter().filter(|(k, _)| !writes.contains_key(*k)));
+            for (k, v) in changed {
+                if let Some(old) = record.get(k) {
+                    size -= entry(k, old);
+                }
+                if let Some(v) = v {
+                    size += entry(k, v);
+                }
             }
-            if let Some(v) = v {
-                size += entry(k, v);
-            }
-        }
-        self.put(partition_key.to_string(), record);
-        Ok(size)
+            size
+        })
     }
 
     fn put(&mut self, partition_key: String, record: StateMap) {
@@ -580,10 +595,9 @@ impl StateAccess for BatchState {
         if let Some(v) = cache.get(&self.partition_key, key) {
             return Ok(v);
         }
-        let record = cache.take(&self.ledger, &self.handler, &self.partition_key)?;
-        let value = record.get(key).cloned();
-        cache.put(self.partition_key.clone(), record);
-        Ok(value)
+        cache.with_record(&self.ledger, &self.handler, &self.partition_key, |record| {
+            record.get(key).cloned()
+        })
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {

@@ -60,16 +60,12 @@ pub struct CheckReport {
 
 /// (topic, partition, first offset) of a `log` key.
 fn parse_log(key: &[u8]) -> Result<(&str, u32, u64)> {
-    let mut r = KeyReader::new(key);
-    match (r.str(), r.u32(), r.u64()) {
-        (Some(topic), Some(partition), Some(offset)) if r.is_empty() => {
-            Ok((topic, partition, offset))
-        }
-        _ => Err(LedgerError::Corrupt(format!(
+    keys::parse_log(key).ok_or_else(|| {
+        LedgerError::Corrupt(format!(
             "log [{}]: key is not (topic, partition, offset)",
             show_key(key)
-        ))),
-    }
+        ))
+    })
 }
 
 fn show_key(key: &[u8]) -> String {

@@ -109,6 +109,14 @@ pub fn log(topic: &str, partition: u32, offset: u64) -> Vec<u8> {
     KeyBuf::new().str(topic).u32(partition).u64(offset).done()
 }
 
+/// (topic, partition, offset) of a `log` key: the first offset of its
+/// segment.
+pub fn parse_log(key: &[u8]) -> Option<(&str, u32, u64)> {
+    let mut r = KeyReader::new(key);
+    let parsed = (r.str()?, r.u32()?, r.u64()?);
+    r.is_empty().then_some(parsed)
+}
+
 /// Prefix of all `log` keys of one partition.
 pub fn log_partition(topic: &str, partition: u32) -> Vec<u8> {
     KeyBuf::new().str(topic).u32(partition).done()
@@ -260,6 +268,8 @@ mod tests {
         assert_eq!(parse_state_entry(&entry), Some(("h", "k", "count")));
         assert_eq!(parse_state(&entry), None);
         assert_eq!(parse_state(&state("h", "k")), Some(("h", "k")));
+        assert_eq!(parse_log(&log("t", 3, 9)), Some(("t", 3, 9)));
+        assert_eq!(parse_log(&state("h", "k")), None);
         assert_eq!(parse_state_entry(&state("h", "k")), None);
         assert_ne!(dedup("a", "b"), dedup("ab", ""));
     }

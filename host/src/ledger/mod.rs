@@ -33,7 +33,7 @@ pub mod keys;
 pub mod records;
 mod space;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Bound;
 use std::path::Path;
@@ -467,9 +467,9 @@ fn migrate_state(state: &Space, journal: &Journal) -> Result<u64> {
 
 /// The offset in a `log` key (the first offset of its segment).
 fn log_offset(key: &[u8]) -> Result<u64> {
-    let mut r = keys::KeyReader::new(key);
-    let (_, _, offset) = (r.str(), r.u32(), r.u64());
-    offset.ok_or_else(|| LedgerError::Corrupt("log key".into()))
+    keys::parse_log(key)
+        .map(|(_, _, offset)| offset)
+        .ok_or_else(|| LedgerError::Corrupt("log key".into()))
 }
 
 /// Default size of the ledger's page cache (see [`Ledger::open_with_cache`]).
@@ -682,17 +682,16 @@ impl Ledger {
         let (offsets, next) = self.assign_offsets(&mut map, &targets)?;
         // Each partition's messages have consecutive offsets: they are
         // written as segments (a few records instead of one per message).
-        let mut runs: Vec<((&str, u32), u64, Vec<&Envelope>)> = Vec::new();
-        let mut run_of: HashMap<(&str, u32), usize> = HashMap::new();
+        // (topic, partition) -> (first offset, messages).
+        let mut runs: BTreeMap<(&str, u32), (u64, Vec<&Envelope>)> = BTreeMap::new();
         for ((topic, partition, env), offset) in appends.iter().zip(&offsets) {
-            let i = *run_of.entry((*topic, *partition)).or_insert_with(|| {
-                runs.push(((*topic, *partition), *offset, Vec::new()));
-                runs.len() - 1
-            });
-            runs[i].2.push(*env);
+            runs.entry((*topic, *partition))
+                .or_insert_with(|| (*offset, Vec::new()))
+                .1
+                .push(*env);
         }
         let log = &self.trees().log;
-        for ((topic, partition), first, run) in &runs {
+        for ((topic, partition), (first, run)) in &runs {
             cut_segments(*first, run, |offset, segment| {
                 writes.insert(
                     log,

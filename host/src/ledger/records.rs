@@ -12,9 +12,20 @@ const FORMAT_V1: u8 = 1;
 
 /// Encodes a record.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
-    let mut out = vec![FORMAT_V1];
+    encode_as(FORMAT_V1, value)
+}
+
+/// `format` followed by the postcard encoding of `value`.
+fn encode_as<T: Serialize + ?Sized>(format: u8, value: &T) -> Result<Vec<u8>, LedgerError> {
+    let mut out = vec![format];
     postcard::to_io(value, &mut out).map_err(|e| LedgerError::Encode(e.to_string()))?;
     Ok(out)
+}
+
+/// Decodes the postcard body of a record (after its format byte); `what`
+/// names it in the error.
+fn decode_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, LedgerError> {
+    postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
 }
 
 /// The body of a record after its format byte; `what` names it in the
@@ -31,8 +42,7 @@ fn body<'a>(bytes: &'a [u8], what: &str) -> Result<&'a [u8], LedgerError> {
 
 /// Decodes a record; `what` names it in the error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LedgerError> {
-    postcard::from_bytes(body(bytes, what)?)
-        .map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
+    decode_body(body(bytes, what)?, what)
 }
 
 /// A message in the embedded log.
@@ -85,9 +95,7 @@ pub fn encode_segment(entries: &[&Envelope]) -> Result<Vec<u8>, LedgerError> {
     if let [one] = entries {
         return encode(*one);
     }
-    let mut out = vec![FORMAT_SEGMENT];
-    postcard::to_io(entries, &mut out).map_err(|e| LedgerError::Encode(e.to_string()))?;
-    Ok(out)
+    encode_as(FORMAT_SEGMENT, entries)
 }
 
 /// Decodes a log record written by [`encode_segment`] (or a single
@@ -95,8 +103,7 @@ pub fn encode_segment(entries: &[&Envelope]) -> Result<Vec<u8>, LedgerError> {
 pub fn decode_segment(bytes: &[u8]) -> Result<Vec<Envelope>, LedgerError> {
     match bytes.split_first() {
         Some((&FORMAT_SEGMENT, body)) => {
-            let entries: Vec<Envelope> = postcard::from_bytes(body)
-                .map_err(|e| LedgerError::Corrupt(format!("log segment: {e}")))?;
+            let entries: Vec<Envelope> = decode_body(body, "log segment")?;
             if entries.is_empty() {
                 return Err(LedgerError::Corrupt("log segment: empty".into()));
             }
@@ -234,9 +241,7 @@ const HANDLER_VERSION_V2: u8 = 2;
 
 /// Encodes a [`HandlerVersion`] (format 2).
 pub fn encode_handler_version(v: &HandlerVersion) -> Result<Vec<u8>, LedgerError> {
-    let mut out = vec![HANDLER_VERSION_V2];
-    postcard::to_io(v, &mut out).map_err(|e| LedgerError::Encode(e.to_string()))?;
-    Ok(out)
+    encode_as(HANDLER_VERSION_V2, v)
 }
 
 /// Decodes a [`HandlerVersion`] of format 2, or of format 1 (its limits
@@ -244,9 +249,7 @@ pub fn encode_handler_version(v: &HandlerVersion) -> Result<Vec<u8>, LedgerError
 pub fn decode_handler_version(bytes: &[u8]) -> Result<HandlerVersion, LedgerError> {
     let what = "handler version";
     match bytes.split_first() {
-        Some((&HANDLER_VERSION_V2, body)) => {
-            postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{what}: {e}")))
-        }
+        Some((&HANDLER_VERSION_V2, body)) => decode_body(body, what),
         _ => decode::<HandlerVersionV1>(bytes, what).map(HandlerVersion::from),
     }
 }
