@@ -19,15 +19,39 @@ pub struct PipelineArgs {
     /// Unique messages in the backlog.
     #[arg(long, default_value_t = 200_000)]
     messages: usize,
-    /// Partition keys.
-    #[arg(long, default_value_t = 1_000)]
+    /// Partition keys. The default spreads messages so that, as in the
+    /// half-load phase, a batch rarely holds two messages of one key; with
+    /// few keys the drain writes each key's state once for several messages
+    /// while the half-load phase writes it for every message, so half the
+    /// drain rate is far more than half of what that phase can take.
+    #[arg(long, default_value_t = 100_000)]
     keys: usize,
     /// Single-message latency samples.
     #[arg(long, default_value_t = 500)]
     latency_samples: usize,
+    /// Offered load of the latency phase, as a fraction of the measured
+    /// drain rate.
+    #[arg(long, default_value_t = 0.5, value_parser = fraction)]
+    load_fraction: f64,
+    /// Interval between the producer requests of the latency phase, in
+    /// milliseconds (each request carries that interval's share of the
+    /// load and is sent whether or not earlier ones were answered).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    load_interval_ms: u64,
     /// Markdown file to record the table in.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
+}
+
+/// How long a probe may wait for its message to be applied before the
+/// offered load is declared not sustained.
+const PROBE_DEADLINE: Duration = Duration::from_secs(10);
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction in (0, 1]")),
+    }
 }
 
 fn msg(key: usize, seq: u64) -> IncomingMessage {
@@ -104,36 +128,119 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     samples.sort();
     let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
 
-    // Latency at about half of the measured drain rate: an open-loop load
-    // (a batch every 10 ms) plus probe messages on their own key, each timed
-    // from produce to its state being committed (applied and durable).
-    let per_tick = ((rate * 0.5) / 100.0).max(1.0) as usize;
+    // Latency at a fraction (half, by default) of the measured drain rate:
+    // an open-loop load (a producer request every `load_interval_ms`, each
+    // on its own task whether or not the earlier ones were answered, as
+    // independent producers would send them) plus probe messages on their
+    // own key, each timed from produce to its state being committed
+    // (applied and durable).
+    let per_second = rate * args.load_fraction;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let (host, stop) = (host.clone(), stop.clone());
+        let interval = Duration::from_millis(args.load_interval_ms);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let mut n = 0usize;
+            let mut tick = tokio::time::interval(interval);
+            let mut requests = tokio::task::JoinSet::new();
+            let started = Instant::now();
+            let mut sent = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
-                let batch: Vec<IncomingMessage> = (0..per_tick)
-                    .map(|j| msg((n + j) % keys, 2_000_000 + ((n + j) / keys) as u64))
+                // Every message due by now, so a late tick does not lower
+                // the offered rate.
+                let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
+                let batch: Vec<IncomingMessage> = (sent..due)
+                    .map(|j| msg(j % keys, 2_000_000 + (j / keys) as u64))
                     .collect();
-                n += per_tick;
-                if host.ingest("bench", batch).await.is_err() {
-                    break;
+                sent = due;
+                if !batch.is_empty() {
+                    let host = host.clone();
+                    requests.spawn(async move { host.ingest("bench", batch).await });
+                }
+                while let Some(done) = requests.try_join_next() {
+                    done??;
                 }
             }
-            n
+            while let Some(done) = requests.join_next().await {
+                done??;
+            }
+            anyhow::Ok((sent, started.elapsed()))
         })
     };
-    let (load_flushes0, load_t0) = (host.committer().flushes(), Instant::now());
+    let load_flushes0 = host.committer().flushes();
     let load_meter = super::compare::Meter::start();
-    let mut probes = Vec::with_capacity(args.latency_samples);
-    // Of each probe's latency: until the producer's ingest returned (the
-    // message durable in the log).
-    let mut ingested = Vec::with_capacity(args.latency_samples);
-    for i in 0..args.latency_samples {
+    let probed = probe(&host, args.latency_samples).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_, load_cpu, _) = load_meter.finish();
+    let load_flushes = host.committer().flushes() - load_flushes0;
+    let loaded = load.await?;
+    let (mut stages, (sent, load_time)) = match (probed, loaded) {
+        (Ok(stages), Ok(loaded)) => (stages, loaded),
+        (Err(e), _) | (_, Err(e)) => {
+            host.shutdown().await?;
+            anyhow::bail!(
+                "latency phase at {per_second:.0} msg/s offered: {e:#}; \
+                 try a lower --load-fraction"
+            );
+        }
+    };
+    let load_secs = load_time.as_secs_f64().max(0.001);
+    let mut pcts = |i: usize| {
+        stages[i].sort();
+        let v = &stages[i];
+        let at = |p: f64| v[((v.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+        (at(0.5), at(0.99))
+    };
+    let (committed, ingested, applied) = (pcts(0), pcts(1), pcts(2));
+    host.shutdown().await?;
+
+    let table = format!(
+        "| measure | value |\n|---|---:|\n\
+         | messages drained (incl. {d} duplicates) | {total} |\n\
+         | committed | {p} |\n\
+         | drain throughput, effectively-once, durable | {rate:.0} msg/s |\n\
+         | flushes during drain | {flushes} ({:.1} messages per flush) |\n\
+         | produce→committed p50, one message in flight | {:.2} ms |\n\
+         | produce→committed p99, one message in flight | {:.2} ms |\n\
+         | offered load for the next rows ({:.0} % of the drain rate; a request every {} ms, open loop) | {:.0} msg/s |\n\
+         | produce→committed p50 at that load | {:.2} ms |\n\
+         | produce→committed p99 at that load | {:.2} ms |\n\
+         | of which produce→durable in the log (ingest returned) p50 / p99 | {:.2} / {:.2} ms |\n\
+         | of which produce→applied by the lane p50 / p99 | {:.2} / {:.2} ms |\n\
+         | group flushes at that load | {:.0} per second |\n\
+         | CPU at that load (of all cores) | {load_cpu:.0} % |\n",
+        total as f64 / flushes.max(1) as f64,
+        pct(0.5),
+        pct(0.99),
+        args.load_fraction * 100.0,
+        args.load_interval_ms,
+        sent as f64 / load_secs,
+        committed.0,
+        committed.1,
+        ingested.0,
+        ingested.1,
+        applied.0,
+        applied.1,
+        load_flushes as f64 / load_secs,
+    );
+    println!("{table}");
+    let body = format!(
+        "## Pipeline, end to end (in-process host, counter handler)\n\n{}; {} keys, 16 partitions.\n\
+         Reproduce: `scripts/build-guests.sh && cargo run --release -- bench pipeline`.\n\n{table}",
+        super::machine_summary(),
+        keys
+    );
+    super::record_section(&args.output, "pipeline", &body)?;
+    Ok(())
+}
+
+/// Sends `samples` probe messages on their own key, 20 ms apart, and times
+/// each: `[produce→committed, produce→ingest returned (durable in the log),
+/// produce→applied by the lane]`. Committed means a flush that started after
+/// the state was seen applied ended, so never less than the real figure.
+async fn probe(host: &Host, samples: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
+    let mut stages: [Vec<Duration>; 3] = Default::default();
+    for i in 0..samples {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let want = (i + 1).to_string();
         let start = Instant::now();
@@ -147,57 +254,21 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
             }],
         )
         .await?;
-        ingested.push(start.elapsed());
+        let ingested = start.elapsed();
         while host.state_get("counter", "probe", "count")?.as_deref() != Some(want.as_bytes()) {
+            if start.elapsed() > PROBE_DEADLINE {
+                anyhow::bail!(
+                    "not sustained: probe {i} was not applied within {} s",
+                    PROBE_DEADLINE.as_secs()
+                );
+            }
             tokio::time::sleep(Duration::from_micros(100)).await;
         }
-        // The state read is applied; committed means durable (a flush that
-        // started after it was seen, so never less than the real figure).
+        let applied = start.elapsed();
         host.committer().barrier().await?;
-        probes.push(start.elapsed());
+        stages[0].push(start.elapsed());
+        stages[1].push(ingested);
+        stages[2].push(applied);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let load_flush_rate = (host.committer().flushes() - load_flushes0) as f64
-        / load_t0.elapsed().as_secs_f64().max(0.001);
-    let (_, load_cpu, _) = load_meter.finish();
-    let loaded = load.await?;
-    let load_secs = probes.iter().map(|d| d.as_secs_f64() + 0.02).sum::<f64>();
-    probes.sort();
-    ingested.sort();
-    let ppct = |p: f64| probes[((probes.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
-    let ipct = |p: f64| ingested[((ingested.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
-    host.shutdown().await?;
-
-    let table = format!(
-        "| measure | value |\n|---|---:|\n\
-         | messages drained (incl. {d} duplicates) | {total} |\n\
-         | committed | {p} |\n\
-         | drain throughput, effectively-once, durable | {rate:.0} msg/s |\n\
-         | flushes during drain | {flushes} ({:.1} messages per flush) |\n\
-         | produce→committed p50, one message in flight | {:.2} ms |\n\
-         | produce→committed p99, one message in flight | {:.2} ms |\n\
-         | offered load for the next two rows (≈ half the drain rate) | {:.0} msg/s |\n\
-         | produce→committed p50 at that load | {:.2} ms |\n\
-         | produce→committed p99 at that load | {:.2} ms |\n\
-         | of which produce→durable in the log (ingest returned) p50 / p99 | {:.2} / {:.2} ms |\n\
-         | group flushes at that load | {load_flush_rate:.0} per second |\n\
-         | CPU at that load (of all cores) | {load_cpu:.0} % |\n",
-        total as f64 / flushes.max(1) as f64,
-        pct(0.5),
-        pct(0.99),
-        loaded as f64 / load_secs.max(0.001),
-        ppct(0.5),
-        ppct(0.99),
-        ipct(0.5),
-        ipct(0.99)
-    );
-    println!("{table}");
-    let body = format!(
-        "## Pipeline, end to end (in-process host, counter handler)\n\n{}; {} keys, 16 partitions.\n\
-         Reproduce: `scripts/build-guests.sh && cargo run --release -- bench pipeline`.\n\n{table}",
-        super::machine_summary(),
-        keys
-    );
-    super::record_section(&args.output, "pipeline", &body)?;
-    Ok(())
+    Ok(stages)
 }
