@@ -56,6 +56,8 @@ struct RunResult {
     peak_rss_mib: f64,
     commits_per_flush: Option<f64>,
     messages_per_flush: Option<f64>,
+    /// Bytes written to storage per message while draining.
+    bytes_per_message: Option<f64>,
 }
 
 impl RunResult {
@@ -116,11 +118,25 @@ fn rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Samples CPU and peak RSS while a run is going.
+/// Bytes this process has caused to be written to storage so far
+/// (`write_bytes` of `/proc/self/io`; NaN where it cannot be read).
+fn written_bytes() -> f64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Samples CPU, peak RSS and bytes written while a run is going.
 pub(super) struct Meter {
     start: Instant,
     cpu0: f64,
     peak_rss: f64,
+    written0: f64,
 }
 
 impl Meter {
@@ -129,7 +145,13 @@ impl Meter {
             start: Instant::now(),
             cpu0: cpu_secs(),
             peak_rss: rss_mib(),
+            written0: written_bytes(),
         }
+    }
+
+    /// Bytes written to storage since `start`.
+    fn written(&self) -> f64 {
+        written_bytes() - self.written0
     }
 
     fn sample(&mut self) {
@@ -237,6 +259,7 @@ async fn run_ordo(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let written = meter.written();
     let (secs, cpu_pct, peak_rss_mib) = meter.finish();
     let flushes = host.committer().flushes() - flushes0;
     let commits = host.committer().commits() - commits0;
@@ -249,6 +272,7 @@ async fn run_ordo(
         peak_rss_mib,
         commits_per_flush: Some(commits as f64 / flushes.max(1) as f64),
         messages_per_flush: Some(total as f64 / flushes.max(1) as f64),
+        bytes_per_message: Some(written / total.max(1) as f64),
     })
 }
 
@@ -359,6 +383,7 @@ async fn run_postgres(
         peak_rss_mib: f64::NAN,
         commits_per_flush: None,
         messages_per_flush: None,
+        bytes_per_message: None,
     })
 }
 
@@ -444,11 +469,11 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     let mut table = String::from(
-        "| run | messages | msg/s | CPU % (of all cores) | peak RSS MiB | commits per flush | messages per flush |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| run | messages | msg/s | CPU % (of all cores) | peak RSS MiB | commits per flush | messages per flush | bytes written per message |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &results {
         table.push_str(&format!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.messages,
             r.rate(),
@@ -459,11 +484,14 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "–".into()),
             r.messages_per_flush
                 .map(|c| format!("{c:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            r.bytes_per_message
+                .map(|b| fmt(b, 0))
                 .unwrap_or_else(|| "–".into())
         ));
     }
     table.push_str(&format!(
-        "| disk: 4 KiB write + fdatasync | – | {fsyncs:.0} fsync/s | – | – | – | – |\n"
+        "| disk: 4 KiB write + fdatasync | – | {fsyncs:.0} fsync/s | – | – | – | – | – |\n"
     ));
     let by: HashMap<usize, f64> = results
         .iter()
