@@ -71,6 +71,10 @@ async fn processed(host: &Host) -> anyhow::Result<(u64, u64, u64)> {
 
 /// Runs the pipeline benchmark.
 pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.latency_samples > 0,
+        "--latency-samples must be at least 1"
+    );
     let bytes = std::fs::read(args.handlers_dir.join("counter.wasm"))
         .map_err(|e| anyhow::anyhow!("reading counter.wasm: {e} (run scripts/build-guests.sh)"))?;
     let dir = tempfile::tempdir_in(".")?;
