@@ -33,6 +33,10 @@ pub struct PipelineArgs {
     /// drain rate.
     #[arg(long, default_value_t = 0.5, value_parser = fraction)]
     load_fraction: f64,
+    /// Offered load of the latency phase in messages per second, instead of
+    /// a fraction of the drain rate (to compare builds at the same load).
+    #[arg(long, conflicts_with = "load_fraction")]
+    load_rate: Option<u32>,
     /// Interval between the producer requests of the latency phase, in
     /// milliseconds (each request carries that interval's share of the
     /// load and is sent whether or not earlier ones were answered).
@@ -138,7 +142,9 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     // independent producers would send them) plus probe messages on their
     // own key, each timed from produce to its state being committed
     // (applied and durable).
-    let per_second = rate * args.load_fraction;
+    let per_second = args
+        .load_rate
+        .map_or(rate * args.load_fraction, |r| f64::from(r.max(1)));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let (host, stop) = (host.clone(), stop.clone());
@@ -206,7 +212,7 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
          | flushes during drain | {flushes} ({:.1} messages per flush) |\n\
          | produce→committed p50, one message in flight | {:.2} ms |\n\
          | produce→committed p99, one message in flight | {:.2} ms |\n\
-         | offered load for the next rows ({:.0} % of the drain rate; a request every {} ms, open loop) | {:.0} msg/s |\n\
+         | offered load for the next rows ({}; a request every {} ms, open loop) | {:.0} msg/s |\n\
          | produce→committed p50 at that load | {:.2} ms |\n\
          | produce→committed p99 at that load | {:.2} ms |\n\
          | of which produce→durable in the log (ingest returned) p50 / p99 | {:.2} / {:.2} ms |\n\
@@ -216,7 +222,10 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         total as f64 / flushes.max(1) as f64,
         pct(0.5),
         pct(0.99),
-        args.load_fraction * 100.0,
+        match args.load_rate {
+            Some(_) => "set by --load-rate".to_string(),
+            None => format!("{:.0} % of the drain rate", args.load_fraction * 100.0),
+        },
         args.load_interval_ms,
         sent as f64 / load_secs,
         committed.0,
