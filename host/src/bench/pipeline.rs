@@ -1,6 +1,7 @@
 //! End-to-end pipeline benchmark: the host in-process (no HTTP), the counter
 //! handler, durable commits. Measures drain throughput of a preloaded
-//! backlog with duplicates, and produce→committed latency of single messages.
+//! backlog with duplicates, and produce→committed latency of single messages,
+//! alone and under an open-loop load.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,10 +21,11 @@ pub struct PipelineArgs {
     #[arg(long, default_value_t = 200_000)]
     messages: usize,
     /// Partition keys. The default spreads messages so that, as in the
-    /// half-load phase, a batch rarely holds two messages of one key; with
-    /// few keys the drain writes each key's state once for several messages
-    /// while the half-load phase writes it for every message, so half the
-    /// drain rate is far more than half of what that phase can take.
+    /// latency phase, a batch rarely holds two messages of one key; with few
+    /// keys the drain writes each key's state once for several messages
+    /// while the latency phase writes it for every message, so a fraction
+    /// of the drain rate is far more than that fraction of what the latency
+    /// phase can take.
     #[arg(long, default_value_t = 100_000)]
     keys: usize,
     /// Single-message latency samples.
