@@ -309,16 +309,16 @@ impl Ledger {
         let t = self.trees();
 
         // Decode everything.
-        fn each<T: serde::de::DeserializeOwned>(
+        fn each<T>(
             tree: &super::Space,
             name: &str,
-            what: &str,
             problems: &mut Vec<String>,
+            decode: impl Fn(&[u8]) -> Result<T>,
         ) -> Result<Vec<(Vec<u8>, T)>> {
             let mut out = Vec::new();
             for entry in tree.iter() {
                 let (k, v) = entry?;
-                match decode::<T>(&v, what) {
+                match decode(&v) {
                     Ok(r) => out.push((k.to_vec(), r)),
                     Err(e) => problems.push(format!("{name} [{}]: {e}", show_key(&k))),
                 }
@@ -363,20 +363,18 @@ impl Ledger {
                 p.push(format!("state [{}]: {e}", show_key(&k)));
             }
         }
-        let _dedup: Vec<(Vec<u8>, DedupRecord)> = each(&t.dedup, "dedup", "dedup record", p)?;
-        let dlq: Vec<(Vec<u8>, DeadLetter)> = each(&t.dlq, "dlq", "dead letter", p)?;
-        let parked: Vec<(Vec<u8>, ParkedKey)> = each(&t.parked, "parked", "parked key", p)?;
-        let actions: Vec<(Vec<u8>, DlqAction)> =
-            each(&t.dlq_actions, "dlq_actions", "dlq action", p)?;
-        let _audit: Vec<(Vec<u8>, AuditRecord)> = each(&t.audit, "audit", "audit record", p)?;
-        let mut versions: Vec<(Vec<u8>, HandlerVersion)> = Vec::new();
-        for entry in t.handlers.iter() {
-            let (k, v) = entry?;
-            match decode_handler_version(&v) {
-                Ok(r) => versions.push((k.to_vec(), r)),
-                Err(e) => p.push(format!("handlers [{}]: {e}", show_key(&k))),
-            }
-        }
+        let _dedup: Vec<(Vec<u8>, DedupRecord)> =
+            each(&t.dedup, "dedup", p, |v| decode(v, "dedup record"))?;
+        let dlq: Vec<(Vec<u8>, DeadLetter)> = each(&t.dlq, "dlq", p, |v| decode(v, "dead letter"))?;
+        let parked: Vec<(Vec<u8>, ParkedKey)> =
+            each(&t.parked, "parked", p, |v| decode(v, "parked key"))?;
+        let actions: Vec<(Vec<u8>, DlqAction)> = each(&t.dlq_actions, "dlq_actions", p, |v| {
+            decode(v, "dlq action")
+        })?;
+        let _audit: Vec<(Vec<u8>, AuditRecord)> =
+            each(&t.audit, "audit", p, |v| decode(v, "audit record"))?;
+        let versions: Vec<(Vec<u8>, HandlerVersion)> =
+            each(&t.handlers, "handlers", p, decode_handler_version)?;
         for entry in t.cursor.iter() {
             let (k, v) = entry?;
             if v.len() != 8 {
