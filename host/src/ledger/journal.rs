@@ -16,16 +16,28 @@
 //! 2. its writes are applied one by one to the ledger tree;
 //! 3. the record is removed.
 //!
-//! All three steps of a batch, and every single write, happen under one
-//! lock, so sled's log holds them in that order with nothing in between.
-//! sled recovers a prefix of its log (recovery stops at the first torn
-//! message), hence after a crash:
+//! A batch runs its three steps in one thread, so sled's log holds them
+//! in that order. Batches that may write a common key are ordered whole:
+//! a batch (or single write) takes the journal's ordering lock
+//! exclusively, so nothing else is written between its steps. A batch
+//! declared *disjoint* ([`Journal::apply_disjoint`]: a lane's commit, an
+//! append of fresh offsets) writes only keys no other batch writes while
+//! it runs; disjoint batches share the lock and interleave with each
+//! other, never with an exclusive one. sled recovers a prefix of its log
+//! (recovery stops at the first torn message), hence after a crash:
 //!
 //! - no record, or an incomplete one (a chunk missing): none of the
 //!   batch's writes survived either (they come after every chunk);
-//! - a complete record: the crash fell between steps 1 and 3, and nothing
-//!   written after the batch survived, so applying the record again
-//!   finishes the batch without overwriting anything newer.
+//! - a complete record: the crash fell between steps 1 and 3, and no
+//!   write made after the batch to one of its keys survived (it would
+//!   come after step 3), so applying the record again finishes the
+//!   batch without overwriting anything newer. Several complete records
+//!   can survive only from disjoint batches, so their order is moot.
+//!
+//! The one key two disjoint batches may share is an idempotency record:
+//! two lanes of a handler both record a key that a producer gave to
+//! messages of different partition keys. Either record says the key was
+//! processed, so re-applying the older one loses nothing.
 //!
 //! [`Journal::open`] does exactly that before anything reads the ledger.
 //!
@@ -41,8 +53,8 @@
 //! ever used on the database.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::{IVec, Tree};
 
@@ -60,9 +72,12 @@ pub type Op = (IVec, Option<IVec>);
 pub struct Journal {
     tree: Tree,
     records: Tree,
+    /// Held exclusively by a batch or single write that may share a key
+    /// with another, shared by disjoint batches (see the module docs).
+    order: RwLock<()>,
     /// Next record number (records live only while their batch is being
     /// applied, so numbering restarts at every open).
-    order: Mutex<u64>,
+    seq: AtomicU64,
     /// Set when a batch failed after its record was started: the tree may
     /// hold part of it, so every later write and flush is refused (only
     /// reopening, which completes it, is safe).
@@ -85,7 +100,8 @@ impl Journal {
         let journal = Journal {
             tree,
             records,
-            order: Mutex::new(0),
+            order: RwLock::new(()),
+            seq: AtomicU64::new(0),
             failed: AtomicBool::new(false),
         };
         journal.recover(durable)?;
@@ -97,8 +113,12 @@ impl Journal {
         &self.tree
     }
 
-    fn lock(&self) -> MutexGuard<'_, u64> {
-        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    fn order(&self, disjoint: bool) -> Order<'_> {
+        if disjoint {
+            Order::Shared(self.order.read().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            Order::Exclusive(self.order.write().unwrap_or_else(|p| p.into_inner()))
+        }
     }
 
     /// Refuses when a batch was left half-applied (see [`Journal::apply`]).
@@ -114,29 +134,46 @@ impl Journal {
     /// Runs one single-key operation on the ledger tree, in order with
     /// every other write.
     pub fn single<R>(&self, op: impl FnOnce(&Tree) -> sled::Result<R>) -> Result<R> {
-        let _order = self.lock();
+        let _order = self.order(false);
         self.check()?;
         Ok(op(&self.tree)?)
     }
 
-    /// Applies `ops` to the ledger tree all-or-nothing (across crashes).
+    /// Applies `ops` to the ledger tree all-or-nothing (across crashes),
+    /// after every write before it and before every write after it.
     /// Not durable until the database is flushed. `point`: a crash point
     /// ([`crate::crash`]) that, when armed, flushes the record and all but
     /// the last two writes and aborts.
     pub fn apply(&self, ops: Vec<Op>, point: Option<&str>) -> Result<()> {
+        self.apply_ordered(ops, point, false)
+    }
+
+    /// As [`Journal::apply`], for a batch whose keys no other batch writes
+    /// while it runs (a lane's commit, an append of fresh offsets; see the
+    /// module docs): it runs beside other such batches.
+    pub fn apply_disjoint(&self, ops: Vec<Op>, point: Option<&str>) -> Result<()> {
+        self.apply_ordered(ops, point, true)
+    }
+
+    fn apply_ordered(&self, ops: Vec<Op>, point: Option<&str>, disjoint: bool) -> Result<()> {
         match ops.len() {
             0 => return Ok(()),
-            1 => return self.single(|t| ops.into_iter().try_for_each(|op| apply_op(t, op))),
+            1 => {
+                let _order = self.order(disjoint);
+                self.check()?;
+                return Ok(ops
+                    .into_iter()
+                    .try_for_each(|op| apply_op(&self.tree, op))?);
+            }
             _ => {}
         }
         let record = encode(&ops);
         let chunks: Vec<&[u8]> = record.chunks(CHUNK).collect();
         let count = u32::try_from(chunks.len())
             .map_err(|_| LedgerError::Encode("batch too large for the journal".into()))?;
-        let mut order = self.lock();
+        let order = self.order(disjoint);
         self.check()?;
-        let seq = *order;
-        *order += 1;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let result = self.write_batch(seq, &chunks, count, ops, point);
         if result.is_err() {
             self.failed.store(true, Ordering::SeqCst);
@@ -145,7 +182,7 @@ impl Journal {
         result
     }
 
-    /// Steps 1–3 of a batch (under the ordering lock).
+    /// Steps 1–3 of a batch (under the ordering lock, shared or not).
     fn write_batch(
         &self,
         seq: u64,
@@ -240,6 +277,12 @@ impl Journal {
     pub fn pending(&self) -> usize {
         self.records.len()
     }
+}
+
+/// A held ordering lock (the guard is only held, never read).
+enum Order<'a> {
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
+    Shared(#[allow(dead_code)] RwLockReadGuard<'a, ()>),
 }
 
 fn apply_op(tree: &Tree, (key, value): Op) -> sled::Result<()> {
@@ -390,6 +433,64 @@ mod tests {
         // Finished writes are durable before the records go, and the
         // removal is durable too.
         assert_eq!(flushes.get(), 2);
+    }
+
+    #[test]
+    fn disjoint_batches_interleave_but_never_around_an_exclusive_write() {
+        let (db, tree) = fresh();
+        let j = Journal::open(&db, tree.clone(), &|| Ok(())).unwrap();
+        let (threads, batches) = (4, 300);
+        let exclusive_saw_a_record = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let j = &j;
+                s.spawn(move || {
+                    for i in 0..batches {
+                        let k = |part: &str| format!("t{t}/{i}/{part}");
+                        let ops = vec![op(&k("a"), Some("1")), op(&k("b"), Some("2"))];
+                        j.apply_disjoint(ops, None).unwrap();
+                    }
+                });
+            }
+            // An exclusive write runs while no disjoint batch is between
+            // its record and the record's removal.
+            for i in 0..batches {
+                j.single(|t| {
+                    if !j.records.is_empty() {
+                        exclusive_saw_a_record.store(true, Ordering::SeqCst);
+                    }
+                    t.insert(format!("x/{i}"), "x").map(|_| ())
+                })
+                .unwrap();
+                j.apply(vec![op(&format!("y/{i}"), Some("y")), op("z", None)], None)
+                    .unwrap();
+            }
+        });
+        assert!(!exclusive_saw_a_record.load(Ordering::SeqCst));
+        assert_eq!(tree.len(), threads * batches * 2 + 2 * batches);
+        assert_eq!(j.pending(), 0);
+    }
+
+    #[test]
+    fn complete_records_of_disjoint_batches_are_all_finished_on_open() {
+        let (db, tree) = fresh();
+        // Two lanes' batches were both between their steps 1 and 3.
+        leave_record(
+            &db,
+            4,
+            &[op("lane0/a", Some("1")), op("lane0/b", Some("2"))],
+            1,
+        );
+        tree.insert("lane1/a", "1").unwrap();
+        leave_record(&db, 5, &[op("lane1/a", Some("1")), op("lane1/b", None)], 1);
+        tree.insert("lane1/b", "old").unwrap();
+        let j = Journal::open(&db, tree.clone(), &|| Ok(())).unwrap();
+        let get = |k: &str| tree.get(k).unwrap().map(|v| v.to_vec());
+        assert_eq!(get("lane0/a"), Some(b"1".to_vec()));
+        assert_eq!(get("lane0/b"), Some(b"2".to_vec()));
+        assert_eq!(get("lane1/a"), Some(b"1".to_vec()));
+        assert_eq!(get("lane1/b"), None);
+        assert_eq!(j.pending(), 0);
     }
 
     #[test]

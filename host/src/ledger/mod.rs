@@ -661,7 +661,10 @@ impl Ledger {
     pub fn append_batch(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
         let appends: Vec<(&str, u32, &Envelope)> =
             items.iter().map(|(p, env)| (topic, *p, env)).collect();
-        self.apply_appending(Writes::default(), &appends)
+        // Fresh offsets: no other batch writes them.
+        let mut writes = Writes::default();
+        writes.disjoint();
+        self.apply_appending(writes, &appends)
     }
 
     /// Applies `writes` and appends (topic, partition, message) to the
@@ -1064,6 +1067,11 @@ impl Ledger {
         let t = self.trees();
         let mut writes = Writes::default();
         writes.crash_point("mid-commit");
+        // A lane's own partition keys, cursor, dead letters and parked
+        // keys, fresh sequence numbers and offsets: no other batch writes
+        // them while it runs (idempotency records aside, see
+        // `journal`'s docs).
+        writes.disjoint();
         for (h, pk, map) in &batch.state {
             let key = keys::state(h, pk);
             if map.is_empty() {

@@ -119,6 +119,7 @@ impl Space {
 pub struct Writes {
     ops: Vec<Op>,
     crash_point: Option<&'static str>,
+    disjoint: bool,
 }
 
 impl Writes {
@@ -151,10 +152,22 @@ impl Writes {
         self.crash_point = Some(name);
     }
 
+    /// Declares that no other batch writes any of these keys while this
+    /// one is applied (a lane's own partition, fresh offsets or sequence
+    /// numbers), so it may be applied beside other such batches
+    /// ([`Journal::apply_disjoint`]) rather than after every other write.
+    pub fn disjoint(&mut self) {
+        self.disjoint = true;
+    }
+
     /// Applies every write, all-or-nothing across crashes (see
     /// [`Journal`]). Not durable until flushed.
     pub fn apply(self, journal: &Journal) -> super::Result<()> {
-        journal.apply(self.ops, self.crash_point)
+        if self.disjoint {
+            journal.apply_disjoint(self.ops, self.crash_point)
+        } else {
+            journal.apply(self.ops, self.crash_point)
+        }
     }
 }
 

@@ -7,10 +7,10 @@
 //! Both move as soon as an append is APPLIED to the ledger, before the
 //! flush that makes it durable: a lane may process a message while its
 //! append flushes (the producer is answered only after that flush). This
-//! is safe because every ledger write is applied in one order (the
-//! journal's) and sled recovers a prefix of that order after a crash: a
-//! lane's commit is applied after the appends it read, so it never
-//! survives a crash without them, and nothing the lane did is
+//! is safe because a lane's commit starts only after the appends it read
+//! were applied whole, so it follows them in sled's log, and sled
+//! recovers a prefix of its log after a crash: the commit never survives
+//! a crash without them, and nothing the lane did is
 //! acknowledged before a flush that covers both. It saves a message one
 //! flush of latency (its append's and its commit's flush may be one).
 //!
