@@ -105,7 +105,7 @@ pub struct DefaultsSection {
     /// Retry and failure policy.
     pub retry: Option<Spanned<RetrySection>>,
     /// Sandbox limits.
-    pub limits: Option<HandlerLimits>,
+    pub limits: Option<Spanned<HandlerLimits>>,
 }
 
 /// A retry and failure policy; unset keys keep the default.
@@ -272,6 +272,11 @@ impl ConfigFile {
                 .apply(&Default::default())
                 .map_err(|e| at(r.span(), "defaults.retry", e))?;
         }
+        if let Some(l) = &file.defaults.limits {
+            l.get_ref()
+                .check()
+                .map_err(|e| at(l.span(), "defaults.limits", e))?;
+        }
         for (name, t) in &file.topics {
             let what = format!("topics.{name}");
             crate::source::validate_topic_name(name).map_err(|e| at(t.span(), &what, e))?;
@@ -313,6 +318,10 @@ impl ConfigFile {
             let section = h.get_mut();
             crate::source::validate_topic_name(&section.topic)
                 .map_err(|e| at(span.clone(), &what, e))?;
+            if let Some(l) = &section.limits {
+                l.check()
+                    .map_err(|e| at(span.clone(), &format!("{what}.limits"), e))?;
+            }
             if let Some(r) = &section.retry {
                 r.overrides()
                     .apply(&Default::default())

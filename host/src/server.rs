@@ -133,7 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .apply(&config.failure_policy)
         .map_err(|e| anyhow::anyhow!("invalid retry/failure policy: {e}"))?;
     if let Some(l) = &file.defaults.limits {
-        config.handler_limits = l.clone();
+        config.handler_limits = l.get_ref().clone();
     }
     for (name, t) in &file.topics {
         if let Some(js) = &t.get_ref().jetstream {

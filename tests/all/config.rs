@@ -88,6 +88,8 @@ fn bad_config_files_name_the_place() {
         ("jetstream partitions", "[topics.js.jetstream]\npartitions = 0\n".into(), "topics.js.jetstream: partitions: must be 1..=4096"),
         ("jetstream stream name", "\n[topics.js.jetstream]\nstream = \"a.b\"\n".into(), ":2: topics.js.jetstream: stream"),
         ("jetstream unknown key", "[topics.js.jetstream]\nurll = \"x\"\n".into(), "unknown field `urll`"),
+        ("zero deadline", "[defaults.limits]\ndeadline_ms = 0\n".into(), ":1: defaults.limits: deadline_ms must be at least 1"),
+        ("zero state per key", format!("[handlers.h]\ncomponent = \"{counter}\"\ntopic = \"t\"\nlimits = {{ max_state_bytes_per_key = 0 }}\n"), ":1: handlers.h.limits: max_state_bytes_per_key must be at least 1"),
         ("jetstream and partitions", "[topics.js]\npartitions = 4\n[topics.js.jetstream]\n".into(), "topics.js: a JetStream topic takes its partitions"),
     ];
     for (what, text, needle) in cases {

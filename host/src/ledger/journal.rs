@@ -74,6 +74,9 @@ pub struct Journal {
     records: Tree,
     /// Held exclusively by a batch or single write that may share a key
     /// with another, shared by disjoint batches (see the module docs).
+    /// std's lock on Linux queues new shared holders behind a waiting
+    /// exclusive one, so a steady stream of lane commits does not starve
+    /// the other writes.
     order: RwLock<()>,
     /// Next record number (records live only while their batch is being
     /// applied, so numbering restarts at every open).

@@ -60,4 +60,77 @@ impl HandlerLimits {
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.deadline_ms)
     }
+
+    /// Refuses limits under which no handler could ever run a message
+    /// (each would dead-letter everything). A zero count of writes, emits,
+    /// log lines or output bytes is a legitimate "none allowed".
+    /// `ordo.toml`'s limits are checked with it; a version already in the
+    /// ledger keeps the limits it was deployed with.
+    pub fn check(&self) -> Result<(), String> {
+        let must_be_positive = [
+            ("deadline_ms", self.deadline_ms == 0),
+            ("memory_bytes", self.memory_bytes == 0),
+            ("instances", self.instances == 0),
+            ("max_state_bytes_per_key", self.max_state_bytes_per_key == 0),
+        ];
+        match must_be_positive.iter().find(|(_, zero)| *zero) {
+            Some(("max_state_bytes_per_key", _)) => Err(
+                "max_state_bytes_per_key must be at least 1 (a handler that must not write state: max_state_writes = 0)"
+                    .into(),
+            ),
+            Some((name, _)) => Err(format!("{name} must be at least 1")),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_no_message_could_run_under_are_refused() {
+        assert_eq!(HandlerLimits::default().check(), Ok(()));
+        let none_allowed = HandlerLimits {
+            max_state_writes: 0,
+            max_emits: 0,
+            max_log_lines: 0,
+            max_stdio_bytes: 0,
+            ..Default::default()
+        };
+        assert_eq!(none_allowed.check(), Ok(()));
+        for (limits, name) in [
+            (
+                HandlerLimits {
+                    deadline_ms: 0,
+                    ..Default::default()
+                },
+                "deadline_ms",
+            ),
+            (
+                HandlerLimits {
+                    memory_bytes: 0,
+                    ..Default::default()
+                },
+                "memory_bytes",
+            ),
+            (
+                HandlerLimits {
+                    instances: 0,
+                    ..Default::default()
+                },
+                "instances",
+            ),
+            (
+                HandlerLimits {
+                    max_state_bytes_per_key: 0,
+                    ..Default::default()
+                },
+                "max_state_bytes_per_key",
+            ),
+        ] {
+            let e = limits.check().expect_err(name);
+            assert!(e.starts_with(&format!("{name} must be at least 1")), "{e}");
+        }
+    }
 }
