@@ -99,33 +99,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(none_allowed.check(), Ok(()));
+        let with = |set: fn(&mut HandlerLimits)| {
+            let mut limits = HandlerLimits::default();
+            set(&mut limits);
+            limits
+        };
         for (limits, name) in [
+            (with(|l| l.deadline_ms = 0), "deadline_ms"),
+            (with(|l| l.memory_bytes = 0), "memory_bytes"),
+            (with(|l| l.instances = 0), "instances"),
             (
-                HandlerLimits {
-                    deadline_ms: 0,
-                    ..Default::default()
-                },
-                "deadline_ms",
-            ),
-            (
-                HandlerLimits {
-                    memory_bytes: 0,
-                    ..Default::default()
-                },
-                "memory_bytes",
-            ),
-            (
-                HandlerLimits {
-                    instances: 0,
-                    ..Default::default()
-                },
-                "instances",
-            ),
-            (
-                HandlerLimits {
-                    max_state_bytes_per_key: 0,
-                    ..Default::default()
-                },
+                with(|l| l.max_state_bytes_per_key = 0),
                 "max_state_bytes_per_key",
             ),
         ] {
