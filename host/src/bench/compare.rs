@@ -104,31 +104,28 @@ fn cpu_secs() -> f64 {
     ticks / 100.0
 }
 
+/// The number after `field` (e.g. `VmRSS:`) on its line of the `/proc`
+/// file `path`; `None` where the file or the field cannot be read.
+fn proc_number(path: &str, field: &str) -> Option<f64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Resident set size now (MiB).
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    proc_number("/proc/self/status", "VmRSS:").map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Bytes this process has caused to be written to storage so far
 /// (`write_bytes` of `/proc/self/io`; NaN where it cannot be read).
 fn written_bytes() -> f64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or(f64::NAN)
+    proc_number("/proc/self/io", "write_bytes:").unwrap_or(f64::NAN)
 }
 
 /// Samples CPU, peak RSS and bytes written while a run is going.
