@@ -137,7 +137,16 @@ impl Journal {
     /// Runs one single-key operation on the ledger tree, in order with
     /// every other write.
     pub fn single<R>(&self, op: impl FnOnce(&Tree) -> sled::Result<R>) -> Result<R> {
-        let _order = self.order(false);
+        self.single_ordered(false, op)
+    }
+
+    /// One single-key operation under the ordering lock, shared or not.
+    fn single_ordered<R>(
+        &self,
+        disjoint: bool,
+        op: impl FnOnce(&Tree) -> sled::Result<R>,
+    ) -> Result<R> {
+        let _order = self.order(disjoint);
         self.check()?;
         Ok(op(&self.tree)?)
     }
@@ -162,11 +171,9 @@ impl Journal {
         match ops.len() {
             0 => return Ok(()),
             1 => {
-                let _order = self.order(disjoint);
-                self.check()?;
-                return Ok(ops
-                    .into_iter()
-                    .try_for_each(|op| apply_op(&self.tree, op))?);
+                return self.single_ordered(disjoint, |t| {
+                    ops.into_iter().try_for_each(|op| apply_op(t, op))
+                })
             }
             _ => {}
         }
