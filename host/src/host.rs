@@ -1450,6 +1450,11 @@ impl Host {
             "Ledger size on disk",
             gauge(self.ledger.size_on_disk()?),
         );
+        reg.register(
+            "dedup_index_bytes",
+            "Memory of the in-memory index of idempotency keys (grows with the dedup window)",
+            gauge(self.ledger.dedup_index_bytes() as u64),
+        );
         let swept: Counter = Counter::default();
         swept.inc_by(self.dedup_swept.load(Relaxed));
         reg.register(

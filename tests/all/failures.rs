@@ -424,6 +424,13 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
             >= 1.0
     );
     assert!(metric(&server, "ordo_ledger_bytes").await.unwrap_or(0.0) > 0.0);
+    assert!(
+        metric(&server, "ordo_dedup_index_bytes")
+            .await
+            .unwrap_or(0.0)
+            > 0.0,
+        "the processed messages' idempotency keys are indexed"
+    );
 
     // Dropping leaves an audit record naming what was dropped.
     let listed = cli(&server, &["dlq", "list", "--handler", "counter"]);

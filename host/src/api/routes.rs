@@ -386,7 +386,13 @@ async fn dedup_record(
     State(api): State<ApiState>,
     Path((name, idempotency_key)): Path<(String, String)>,
 ) -> Response {
-    match api.host.dedup_record(&name, &idempotency_key) {
+    // Off the async workers: right after a start the lookup waits for the
+    // idempotency index to be filled.
+    let (host, n, k) = (api.host.clone(), name.clone(), idempotency_key.clone());
+    let found = tokio::task::spawn_blocking(move || host.dedup_record(&n, &k))
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the lookup failed: {e}")));
+    match found {
         Ok(Some(r)) => Json(json!({
             "handler": name,
             "idempotency_key": idempotency_key,

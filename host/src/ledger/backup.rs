@@ -11,7 +11,10 @@
 //! into its record. The log is listed one line per message (key: topic,
 //! partition, offset; value: the message's record), whatever the ledger's
 //! segments, and the import gathers a partition's consecutive messages
-//! into segments again.
+//! into segments again. Idempotency records are listed one line per record
+//! (key: handler, idempotency key; value: the record), whatever the
+//! ledger's segments, and the import writes each handler's consecutive
+//! records as segments again.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -22,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyReader};
 use super::records::{
-    cut_segments, decode, decode_handler_version, decode_segment, decode_state, encode,
-    encode_segment, encode_state, StateMap,
+    cut_segments, decode, decode_dedup_segment, decode_handler_version, decode_segment,
+    decode_state, encode, encode_segment, encode_state, StateMap,
 };
 use super::{
     AuditRecord, DeadLetter, DedupRecord, DlqAction, Envelope, HandlerControl, HandlerVersion,
@@ -81,7 +84,8 @@ type ExportSink<'a> = dyn FnMut(&'static str, &[u8], &[u8]) -> Result<()> + 'a;
 impl Ledger {
     /// Calls `f` with (tree, key, value) of every export record, in export
     /// order: a state record is listed as one entry per state key, a log
-    /// segment as one entry per message.
+    /// segment as one entry per message, an idempotency segment as one
+    /// entry per record (in the order it was written).
     fn each_export_record(&self, f: &mut ExportSink<'_>) -> Result<()> {
         for (name, tree) in self.named_trees() {
             for entry in tree.iter() {
@@ -110,6 +114,17 @@ impl Ledger {
                                 &keys::log(topic, partition, offset),
                                 &encode(&message)?,
                             )?;
+                        }
+                    }
+                    "dedup_segments" => {
+                        let (handler, _) = keys::parse_dedup_segment(&k).ok_or_else(|| {
+                            LedgerError::Corrupt(format!(
+                                "dedup_segments [{}]: key does not decode",
+                                show_key(&k)
+                            ))
+                        })?;
+                        for (key, record) in decode_dedup_segment(&v)? {
+                            f("dedup", &keys::dedup(handler, key), &encode(&record)?)?;
                         }
                     }
                     _ => f(name, &k, &v)?,
@@ -187,8 +202,9 @@ impl Ledger {
         // gathered here and written as its record once the key changes.
         let mut gathering = StateGather::default();
         // Likewise a partition's consecutive log messages, written as
-        // segments.
+        // segments, and a handler's idempotency records.
         let mut run = LogRun::default();
+        let mut records = DedupRun::default();
         for (i, line) in input.lines().enumerate() {
             let line = line?;
             if line.trim().is_empty() {
@@ -217,9 +233,26 @@ impl Ledger {
             };
             max_seq = max_seq.max(seq.unwrap_or(0));
             if rec.tree == "dedup" {
-                self.note_dedup_key(&key);
-            }
-            if rec.tree == "state" {
+                let Some((handler, idempotency_key)) = keys::parse_dedup(&key) else {
+                    return Err(LedgerError::Corrupt(format!(
+                        "line {at}: dedup key is not (handler, idempotency key)"
+                    )));
+                };
+                match decode::<DedupRecord>(&value, "dedup record") {
+                    Ok(record) => {
+                        if records.handler.as_deref() != Some(handler)
+                            || records.records.len() >= LOG_RUN_MAX
+                        {
+                            self.write_dedup_run(&mut records)?;
+                            records.handler = Some(handler.to_string());
+                        }
+                        records.records.push((idempotency_key.to_string(), record));
+                    }
+                    // Kept as it is, under its own key, for `check` to
+                    // report (as a bad record of any other kind is).
+                    Err(_) => self.put_dedup_own_record(&key, &value)?,
+                }
+            } else if rec.tree == "state" {
                 // One line per state key: gathered into the key's record.
                 let (handler, partition_key, state_key) = keys::parse_state_entry(&key)
                     .ok_or_else(|| {
@@ -255,6 +288,7 @@ impl Ledger {
         }
         self.write_gathered(&mut gathering)?;
         self.write_log_run(&mut run)?;
+        self.write_dedup_run(&mut records)?;
         self.raise_id_floor(max_seq)?;
         self.flush()?;
         progress(n, header.records);
@@ -280,6 +314,15 @@ impl Ledger {
                 encode_segment(segment)?,
             )
         })
+    }
+
+    /// Writes the idempotency records gathered for one handler as
+    /// segments.
+    fn write_dedup_run(&self, run: &mut DedupRun) -> Result<()> {
+        let Some(handler) = run.handler.take() else {
+            return Ok(());
+        };
+        self.put_dedup_records(&handler, &std::mem::take(&mut run.records))
     }
 
     /// Writes the state entries gathered for one partition key as its
@@ -363,8 +406,46 @@ impl Ledger {
                 p.push(format!("state [{}]: {e}", show_key(&k)));
             }
         }
-        let _dedup: Vec<(Vec<u8>, DedupRecord)> =
-            each(&t.dedup, "dedup", p, |v| decode(v, "dedup record"))?;
+        // Idempotency records: own-key records (format 4) and segments.
+        let mut dedup_records = 0u64;
+        for entry in t.dedup.iter() {
+            let (k, v) = entry?;
+            let decoded = match keys::parse_dedup(&k) {
+                Some(_) => decode::<DedupRecord>(&v, "dedup record").map(|_| ()),
+                None => Err(LedgerError::Corrupt(
+                    "key is not (handler, idempotency key)".into(),
+                )),
+            };
+            match decoded {
+                Ok(()) => dedup_records += 1,
+                Err(e) => p.push(format!("dedup [{}]: {e}", show_key(&k))),
+            }
+        }
+        for entry in t.dedup_segments.iter() {
+            let (k, v) = entry?;
+            let decoded = match keys::parse_dedup_segment(&k) {
+                Some(_) => match decode_dedup_segment(&v) {
+                    Ok(records) if records.is_empty() => {
+                        Err(LedgerError::Corrupt("idempotency segment: empty".into()))
+                    }
+                    other => other.map(|records| records.len() as u64),
+                },
+                None => Err(LedgerError::Corrupt(
+                    "key is not (handler, sequence)".into(),
+                )),
+            };
+            match decoded {
+                Ok(n) => dedup_records += n,
+                Err(e) => p.push(format!("dedup_segments [{}]: {e}", show_key(&k))),
+            }
+        }
+        // One count of idempotency records, whatever their layout.
+        report.records.retain(|(name, _)| *name != "dedup_segments");
+        for (name, n) in report.records.iter_mut() {
+            if *name == "dedup" {
+                *n = dedup_records;
+            }
+        }
         let dlq: Vec<(Vec<u8>, DeadLetter)> = each(&t.dlq, "dlq", p, |v| decode(v, "dead letter"))?;
         let parked: Vec<(Vec<u8>, ParkedKey)> =
             each(&t.parked, "parked", p, |v| decode(v, "parked key"))?;
@@ -515,6 +596,15 @@ impl LogRun {
         matches!(&self.at, Some((t, p, first))
             if t == topic && *p == partition && first + self.messages.len() as u64 == offset)
     }
+}
+
+/// An import's consecutive idempotency records of one handler, not yet
+/// written.
+#[derive(Default)]
+struct DedupRun {
+    handler: Option<String>,
+    /// (idempotency key, record).
+    records: Vec<(String, DedupRecord)>,
 }
 
 /// An import's state entries of one partition key, not yet written.

@@ -34,10 +34,10 @@
 //!   batch without overwriting anything newer. Several complete records
 //!   can survive only from disjoint batches, so their order is moot.
 //!
-//! The one key two disjoint batches may share is an idempotency record:
-//! two lanes of a handler both record a key that a producer gave to
-//! messages of different partition keys. Either record says the key was
-//! processed, so re-applying the older one loses nothing.
+//! Disjoint batches never share a key: a lane's idempotency records go to
+//! a segment under a fresh sequence (see `ledger::dedup`), even when two
+//! lanes of a handler record one key (a producer gave it to messages of
+//! different partition keys).
 //!
 //! [`Journal::open`] does exactly that before anything reads the ledger.
 //!
@@ -208,7 +208,7 @@ impl Journal {
             self.records.insert(record_key(seq, i as u32), value)?;
         }
         // Where an armed `point` stops: before the last two writes (for a
-        // lane batch: its last idempotency record and the cursor, which is
+        // lane batch: its last idempotency segment and the cursor, which is
         // what makes the loss of the rest visible).
         let stop = ops.len().saturating_sub(2).max(1);
         for (i, op) in ops.into_iter().enumerate() {

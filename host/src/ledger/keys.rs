@@ -13,7 +13,7 @@
 //! | 1 | `log` | str topic, u32 partition, u64 offset |
 //! | 2 | `cursor` | str handler, str source, u32 partition |
 //! | 3 | `state` | str handler, str partition key (one record per key: every state key and value; up to format 2 one entry per state key: + str state key) |
-//! | 4 | `dedup` | str handler, str idempotency key |
+//! | 4 | `dedup` | str handler, str idempotency key (one record per key, written up to format 4; read, swept and exported where it is) |
 //! | 5 | `outbox` | u64 sequence |
 //! | 6 | `dlq` | str handler, u64 sequence |
 //! | 7 | `parked` | str handler, u32 partition, str partition key |
@@ -22,6 +22,7 @@
 //! | 10 | `handlers` | str name, u64 version |
 //! | 11 | `artifacts` | content hash (hex, raw bytes) |
 //! | 12 | `meta` | `topic/` + topic name; `low/` + str topic, u32 partition; `control/` + str handler; `id_floor` |
+//! | 13 | `dedup_segments` | str handler, u64 segment sequence (format 5 on: a batch's idempotency records in one value, see `ledger::dedup`; the last space, so the tree's hot end holds nothing else) |
 
 /// Builds a key from components.
 #[derive(Default)]
@@ -157,9 +158,29 @@ pub fn parse_state_entry(key: &[u8]) -> Option<(&str, &str, &str)> {
     r.is_empty().then_some(parsed)
 }
 
-/// `dedup` key.
+/// `dedup` key: one idempotency record under its own key (written up to
+/// format 4; see [`dedup_segment`]).
 pub fn dedup(handler: &str, idempotency_key: &str) -> Vec<u8> {
     KeyBuf::new().str(handler).str(idempotency_key).done()
+}
+
+/// `dedup_segments` key: (handler, segment sequence).
+pub fn dedup_segment(handler: &str, sequence: u64) -> Vec<u8> {
+    KeyBuf::new().str(handler).u64(sequence).done()
+}
+
+/// (handler, idempotency key) of a [`dedup`] key.
+pub fn parse_dedup(key: &[u8]) -> Option<(&str, &str)> {
+    let mut r = KeyReader::new(key);
+    let parsed = (r.str()?, r.str()?);
+    r.is_empty().then_some(parsed)
+}
+
+/// (handler, sequence) of a [`dedup_segment`] key.
+pub fn parse_dedup_segment(key: &[u8]) -> Option<(&str, u64)> {
+    let mut r = KeyReader::new(key);
+    let parsed = (r.str()?, r.u64()?);
+    r.is_empty().then_some(parsed)
 }
 
 /// `dlq` key.
@@ -272,5 +293,11 @@ mod tests {
         assert_eq!(parse_log(&state("h", "k")), None);
         assert_eq!(parse_state_entry(&state("h", "k")), None);
         assert_ne!(dedup("a", "b"), dedup("ab", ""));
+        assert_eq!(parse_dedup(&dedup("h", "k")), Some(("h", "k")));
+        assert_eq!(parse_dedup(&dedup("h", "")), Some(("h", "")));
+        assert_eq!(parse_dedup_segment(&dedup_segment("h", 7)), Some(("h", 7)));
+        assert!(dedup_segment("h", 1) < dedup_segment("h", 2));
+        assert_eq!(parse_dedup_segment(&dedup_segment("h", 7)[..10]), None);
+        assert_eq!(parse_dedup(&dedup_segment("h", 7)), None);
     }
 }

@@ -27,7 +27,7 @@
 
 pub mod backup;
 pub mod commit;
-mod filter;
+mod dedup;
 pub mod journal;
 pub mod keys;
 pub mod records;
@@ -44,9 +44,11 @@ use journal::Journal;
 use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
+use dedup::DedupIndex;
 use records::{
-    cut_segments, decode, decode_handler_version, decode_segment, decode_state, encode,
-    encode_handler_version, encode_segment, encode_state,
+    cut_segments, decode, decode_dedup_segment, decode_handler_version, decode_segment,
+    decode_state, encode, encode_dedup_segment, encode_handler_version, encode_segment,
+    encode_state,
 };
 pub use records::{
     AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
@@ -151,7 +153,7 @@ type NextOffsets = HashMap<(String, u32), u64>;
 
 /// The record kinds, in the order of their leading byte (1, 2, …) in the
 /// ledger tree. Also the tree names of the first layout and of exports.
-const SPACE_NAMES: [&str; 12] = [
+const SPACE_NAMES: [&str; 13] = [
     "log",
     "cursor",
     "state",
@@ -164,6 +166,8 @@ const SPACE_NAMES: [&str; 12] = [
     "handlers",
     "artifacts",
     "meta",
+    // Last on purpose (see `dedup`).
+    "dedup_segments",
 ];
 
 /// The sled tree that holds every record (format 2 on).
@@ -177,10 +181,14 @@ const FORMAT_KEY: &[u8] = b"\0format";
 /// state key) and may leave a batch in the `journal` tree after a crash
 /// (which an ordo reading format 2 would not finish); 4 stores the log in
 /// segments, several consecutive messages of a partition per record (3
-/// had one record per message, which 4 still reads).
-const FORMAT: u64 = 4;
+/// had one record per message, which 4 still reads); 5 writes idempotency
+/// records in segments, a batch's records in one value (4 had one record
+/// per key, which 5 still reads; an ordo reading format 4 would not find
+/// a segment's keys).
+const FORMAT: u64 = 5;
 /// The oldest layout this ordo reads without migrating it (format 3's
-/// one-message log records are one-message segments).
+/// one-message log records are one-message segments; format 3's and 4's
+/// own-key idempotency records are read where they are).
 const READS_FROM: u64 = 3;
 
 /// Whether opening a ledger may move its layout forward.
@@ -216,6 +224,7 @@ struct Trees {
     handlers: Space,
     artifacts: Space,
     meta: Space,
+    dedup_segments: Space,
 }
 
 impl Trees {
@@ -234,58 +243,81 @@ impl Trees {
             handlers: s("handlers"),
             artifacts: s("artifacts"),
             meta: s("meta"),
+            dedup_segments: s("dedup_segments"),
         }
     }
 }
 
-/// The background fill of the idempotency-key filter; stopped and joined
-/// when the ledger is dropped.
-struct FilterFill {
+/// The background fill of the idempotency index; stopped and joined when
+/// the ledger is dropped.
+struct IndexFill {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl FilterFill {
-    /// Starts inserting every key of `dedup` into `filter`, then marks it
-    /// filled (see [`filter`]).
-    fn start(dedup: Space, filter: Arc<filter::KeyFilter>) -> FilterFill {
+impl IndexFill {
+    /// Starts indexing every idempotency key of `dedup`, then marks the
+    /// index filled (see [`dedup`]); on this thread if no thread starts.
+    fn start(own: Space, segments: Space, index: Arc<DedupIndex>) -> IndexFill {
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let fill = move || {
-            let started = std::time::Instant::now();
-            let mut keys = 0u64;
-            for entry in dedup.iter() {
-                if stopped.load(Ordering::Relaxed) {
-                    return;
-                }
-                match entry {
-                    Ok((key, _)) => filter.insert(&key),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot fill the idempotency-key filter; every idempotency lookup reads the ledger");
-                        return;
-                    }
-                }
-                keys += 1;
-            }
-            filter.mark_filled();
-            tracing::debug!(
-                keys,
-                ms = started.elapsed().as_millis() as u64,
-                "idempotency-key filter filled"
-            );
+        let fill = {
+            let (stop, own, segments, index) =
+                (stop.clone(), own.clone(), segments.clone(), index.clone());
+            move || Self::fill(&own, &segments, &index, &stop)
         };
         let thread = std::thread::Builder::new()
-            .name("ordo-key-filter".into())
+            .name("ordo-dedup-index".into())
             .spawn(fill)
             .map_err(|e| {
-                tracing::warn!(error = %e, "cannot start the idempotency-key filter; every idempotency lookup reads the ledger");
+                tracing::warn!(error = %e, "cannot start a thread for the idempotency index; filling it before the ledger opens");
+                Self::fill(&own, &segments, &index, &stop);
             })
             .ok();
-        FilterFill { stop, thread }
+        IndexFill { stop, thread }
+    }
+
+    fn fill(own: &Space, segments: &Space, index: &DedupIndex, stop: &AtomicBool) {
+        let started = std::time::Instant::now();
+        let mut keys = 0usize;
+        let mut scan = || -> Result<bool> {
+            // A format-4 ledger's own-key records (needing no decode), then
+            // the segments.
+            for entry in own.iter() {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                let (k, _) = entry?;
+                index.insert(dedup::encoded_key_hash(&k), dedup::OWN_RECORD);
+                keys += 1;
+            }
+            for entry in segments.iter() {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                let (k, v) = entry?;
+                keys += dedup::segment_locations(&k, &v, |hash, at| index.insert(hash, at))?;
+            }
+            Ok(true)
+        };
+        match scan() {
+            Ok(false) => {}
+            Ok(true) => {
+                index.finish_fill(Ok(()));
+                tracing::debug!(
+                    keys,
+                    ms = started.elapsed().as_millis() as u64,
+                    "idempotency index filled"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the idempotency index; messages are not processed until a restart builds it");
+                index.finish_fill(Err(e.to_string()));
+            }
+        }
     }
 }
 
-impl Drop for FilterFill {
+impl Drop for IndexFill {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
@@ -296,7 +328,7 @@ impl Drop for FilterFill {
 
 struct Inner {
     /// First, so the fill stops before the database closes.
-    _fill: FilterFill,
+    _fill: IndexFill,
     db: sled::Db,
     /// Orders and applies every write to the one tree every record is in
     /// (see [`space`], [`journal`]).
@@ -308,8 +340,8 @@ struct Inner {
     next_offsets: Mutex<HashMap<(String, u32), u64>>,
     /// Ids from [`Ledger::next_id`] are above this (raised by an import).
     id_floor: std::sync::atomic::AtomicU64,
-    /// Every idempotency key in `dedup` (see [`filter`]).
-    dedup_filter: Arc<filter::KeyFilter>,
+    /// Where every idempotency key in `dedup` is (see [`dedup`]).
+    dedup_index: Arc<DedupIndex>,
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -563,8 +595,12 @@ impl Ledger {
             ),
             None => 0,
         };
-        let dedup_filter = Arc::new(filter::KeyFilter::new());
-        let fill = FilterFill::start(trees.dedup.clone(), dedup_filter.clone());
+        let dedup_index = Arc::new(DedupIndex::new());
+        let fill = IndexFill::start(
+            trees.dedup.clone(),
+            trees.dedup_segments.clone(),
+            dedup_index.clone(),
+        );
         Ok(Ledger {
             inner: Arc::new(Inner {
                 _fill: fill,
@@ -574,7 +610,7 @@ impl Ledger {
                 data_file,
                 next_offsets: Mutex::new(HashMap::new()),
                 id_floor: std::sync::atomic::AtomicU64::new(id_floor),
-                dedup_filter,
+                dedup_index,
             }),
         })
     }
@@ -948,29 +984,110 @@ impl Ledger {
         }
     }
 
-    /// The idempotency record of a key, if any.
+    /// The idempotency record of a key, if any (the newest, if it was
+    /// recorded more than once). Waits for the index's fill after an open.
     pub fn dedup_get(&self, handler: &str, idempotency_key: &str) -> Result<Option<DedupRecord>> {
-        let key = keys::dedup(handler, idempotency_key);
-        if !self.inner.dedup_filter.may_contain(&key) {
-            return Ok(None);
+        let hash = dedup::key_hash(handler, idempotency_key);
+        for at in self.inner.dedup_index.locations(hash)? {
+            if at == dedup::OWN_RECORD {
+                let key = keys::dedup(handler, idempotency_key);
+                if let Some(v) = self.trees().dedup.get(key)? {
+                    return Ok(Some(decode(&v, "dedup record")?));
+                }
+            } else if let Some(v) = self
+                .trees()
+                .dedup_segments
+                .get(keys::dedup_segment(handler, at))?
+            {
+                let segment = decode_dedup_segment(&v)?;
+                if let Some(r) = dedup::find(&segment, idempotency_key) {
+                    return Ok(Some(r.clone()));
+                }
+            }
         }
-        match self.trees().dedup.get(key)? {
-            Some(v) => Ok(Some(decode(&v, "dedup record")?)),
-            None => Ok(None),
-        }
+        Ok(None)
     }
 
-    /// Whether the idempotency-key filter holds every recorded key yet
-    /// (it is filled in the background after the ledger opens; until then
-    /// every lookup reads the ledger).
-    pub fn key_filter_filled(&self) -> bool {
-        self.inner.dedup_filter.is_filled()
+    /// Whether the idempotency index holds every recorded key yet (it is
+    /// filled in the background after the ledger opens; lookups wait for
+    /// it).
+    pub fn dedup_index_filled(&self) -> bool {
+        self.inner.dedup_index.is_filled()
     }
 
-    /// Records an idempotency key written outside [`Ledger::commit`] (the
-    /// import) in the in-memory filter.
-    pub(crate) fn note_dedup_key(&self, key: &[u8]) {
-        self.inner.dedup_filter.insert(key);
+    /// Approximate memory the idempotency index takes, in bytes.
+    pub fn dedup_index_bytes(&self) -> usize {
+        self.inner.dedup_index.bytes()
+    }
+
+    /// Whether `idempotency_key` was recorded again in a segment after
+    /// location `after` (a segment sequence or [`dedup::OWN_RECORD`]).
+    fn recorded_after(&self, handler: &str, idempotency_key: &str, after: u64) -> Result<bool> {
+        let hash = dedup::key_hash(handler, idempotency_key);
+        for at in self.inner.dedup_index.locations(hash)? {
+            if at <= after {
+                break; // newest first
+            }
+            if let Some(v) = self
+                .trees()
+                .dedup_segments
+                .get(keys::dedup_segment(handler, at))?
+            {
+                if dedup::find(&decode_dedup_segment(&v)?, idempotency_key).is_some() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Adds one handler's idempotency records to `writes` as segments
+    /// under fresh sequences, indexing their keys first (see [`dedup`]).
+    fn dedup_writes(
+        &self,
+        writes: &mut Writes,
+        handler: &str,
+        records: &[(&str, &DedupRecord)],
+    ) -> Result<()> {
+        for segment in dedup::cut(records) {
+            let sequence = self.next_id()?;
+            for (k, _) in segment {
+                // Before the write: a key must never be in the ledger and
+                // not in the index (a failed write leaves an entry whose
+                // segment is missing, which a lookup skips).
+                self.inner
+                    .dedup_index
+                    .insert(dedup::key_hash(handler, k), sequence);
+            }
+            writes.insert(
+                &self.trees().dedup_segments,
+                &keys::dedup_segment(handler, sequence),
+                encode_dedup_segment(segment)?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes one idempotency record under its own key, as format 4 did
+    /// (the import of a record that does not decode), indexing it first.
+    pub(crate) fn put_dedup_own_record(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.inner
+            .dedup_index
+            .insert(dedup::encoded_key_hash(key), dedup::OWN_RECORD);
+        self.trees().dedup.insert(key, value)
+    }
+
+    /// Writes one handler's idempotency records as segments (the import).
+    pub(crate) fn put_dedup_records(
+        &self,
+        handler: &str,
+        records: &[(String, DedupRecord)],
+    ) -> Result<()> {
+        let refs: Vec<(&str, &DedupRecord)> =
+            records.iter().map(|(k, r)| (k.as_str(), r)).collect();
+        let mut writes = Writes::default();
+        self.dedup_writes(&mut writes, handler, &refs)?;
+        self.apply(writes)
     }
 
     /// A new unique, increasing id (dead-letter and audit sequences).
@@ -1013,6 +1130,7 @@ impl Ledger {
             ("handlers", &t.handlers),
             ("artifacts", &t.artifacts),
             ("meta", &t.meta),
+            ("dedup_segments", &t.dedup_segments),
         ]
     }
 
@@ -1030,8 +1148,10 @@ impl Ledger {
     }
 
     /// Removes committed idempotency records older than `cutoff_ms`,
-    /// looking at most at `max_scan` records from `from` (a `dedup` key; empty
-    /// = the start). Records of dead-lettered or held messages are kept.
+    /// looking at most at about `max_scan` records from `from` (where an
+    /// earlier pass stopped; empty = the start). Records of dead-lettered
+    /// or held messages are kept until their key is recorded again (a
+    /// replay); a segment that keeps some is rewritten with them only.
     /// Returns (removed, where to continue; `None` after the last record).
     pub fn sweep_dedup(
         &self,
@@ -1039,24 +1159,91 @@ impl Ledger {
         cutoff_ms: u64,
         max_scan: usize,
     ) -> Result<(usize, Option<Vec<u8>>)> {
-        let tree = &self.trees().dedup;
+        let t = self.trees();
+        // A committed record goes once it is old; a dead-lettered or held
+        // one once it is old and its key was recorded again later (the
+        // newer record tells what happened).
+        let expired = |handler: &str, key: &str, at: u64, r: &DedupRecord| -> Result<bool> {
+            Ok(r.committed_at_ms < cutoff_ms
+                && (r.outcome == DedupOutcome::Committed
+                    || self.recorded_after(handler, key, at)?))
+        };
         let mut writes = Writes::default();
+        // Index entries to remove once the removals are applied.
+        let mut unindex: Vec<(u64, u64)> = Vec::new();
         let (mut removed, mut scanned) = (0, 0);
         let mut next = None;
-        for entry in tree.range(Bound::Included(from), None) {
-            let (k, v) = entry?;
-            if scanned == max_scan {
-                next = Some(k.to_vec());
+        // A position is a phase byte (0: the own-key records of `dedup`, 1:
+        // `dedup_segments`) and the key to continue from.
+        let (phase, at) = from.split_first().map_or((0, &[][..]), |(p, k)| (*p, k));
+        let resume = |phase: u8, key: &[u8]| [&[phase][..], key].concat();
+        if phase == 0 {
+            for entry in t.dedup.range(Bound::Included(at), None) {
+                let (k, v) = entry?;
+                if scanned >= max_scan {
+                    next = Some(resume(0, &k));
+                    break;
+                }
+                scanned += 1;
+                let (handler, key) = keys::parse_dedup(&k).ok_or_else(|| {
+                    LedgerError::Corrupt("dedup: key is not (handler, idempotency key)".into())
+                })?;
+                if expired(
+                    handler,
+                    key,
+                    dedup::OWN_RECORD,
+                    &decode(&v, "dedup record")?,
+                )? {
+                    writes.remove(&t.dedup, &k);
+                    unindex.push((dedup::encoded_key_hash(&k), dedup::OWN_RECORD));
+                    removed += 1;
+                }
+            }
+        }
+        let at = if phase == 0 { &[][..] } else { at };
+        let segments = &t.dedup_segments;
+        for entry in segments.range(Bound::Included(at), None) {
+            if next.is_some() {
                 break;
             }
-            scanned += 1;
-            let record: DedupRecord = decode(&v, "dedup record")?;
-            if record.outcome == DedupOutcome::Committed && record.committed_at_ms < cutoff_ms {
-                writes.remove(tree, &k);
-                removed += 1;
+            let (k, v) = entry?;
+            if scanned >= max_scan {
+                next = Some(resume(1, &k));
+                break;
+            }
+            let (handler, sequence) = keys::parse_dedup_segment(&k).ok_or_else(|| {
+                LedgerError::Corrupt("dedup_segments: key is not (handler, sequence)".into())
+            })?;
+            let records = decode_dedup_segment(&v)?;
+            scanned += records.len();
+            let (mut gone, mut kept) = (Vec::new(), Vec::new());
+            for record in &records {
+                if expired(handler, record.0, sequence, &record.1)? {
+                    gone.push(record);
+                } else {
+                    kept.push(record);
+                }
+            }
+            if gone.is_empty() {
+                continue;
+            }
+            removed += gone.len();
+            for (key, _) in &gone {
+                if !kept.iter().any(|(k, _)| k == key) {
+                    unindex.push((dedup::key_hash(handler, key), sequence));
+                }
+            }
+            if kept.is_empty() {
+                writes.remove(segments, &k);
+            } else {
+                let kept: Vec<(&str, &DedupRecord)> = kept.iter().map(|(k, r)| (*k, r)).collect();
+                writes.insert(segments, &k, encode_dedup_segment(&kept)?);
             }
         }
         self.apply(writes)?;
+        for (hash, at) in unindex {
+            self.inner.dedup_index.remove(hash, at);
+        }
         Ok((removed, next))
     }
 
@@ -1068,9 +1255,8 @@ impl Ledger {
         let mut writes = Writes::default();
         writes.crash_point("mid-commit");
         // A lane's own partition keys, cursor, dead letters and parked
-        // keys, fresh sequence numbers and offsets: no other batch writes
-        // them while it runs (idempotency records aside, see
-        // `journal`'s docs).
+        // keys, fresh sequence numbers (idempotency segments, outbox) and
+        // offsets: no other batch writes them while it runs.
         writes.disjoint();
         for (h, pk, map) in &batch.state {
             let key = keys::state(h, pk);
@@ -1080,14 +1266,19 @@ impl Ledger {
                 writes.insert(&t.state, &key, encode_state(map));
             }
         }
-        for (h, k, r) in &batch.dedup {
-            let key = keys::dedup(h, k);
-            // Before the write: a key must never be in the ledger and not in
-            // the filter (a failed write only leaves a false positive).
-            self.inner.dedup_filter.insert(&key);
-            // Not read first: it no longer saves disk space (BENCHMARKS.md,
-            // items 6 and 8).
-            writes.insert(&t.dedup, &key, encode(r)?);
+        // Each handler's records as segments (a lane's batch is one
+        // handler's): one insert per batch, not one per message.
+        let mut records = batch.dedup.as_slice();
+        while let Some((h, _, _)) = records.first() {
+            let n = records
+                .iter()
+                .take_while(|(other, _, _)| other == h)
+                .count();
+            let (run, rest) = records.split_at(n);
+            let refs: Vec<(&str, &DedupRecord)> =
+                run.iter().map(|(_, k, r)| (k.as_str(), r)).collect();
+            self.dedup_writes(&mut writes, h, &refs)?;
+            records = rest;
         }
         for (h, s, p, n) in &batch.cursors {
             writes.insert(&t.cursor, &keys::cursor(h, s, *p), &n.to_be_bytes());
@@ -1343,6 +1534,7 @@ impl Ledger {
         for tree in [
             &t.state,
             &t.dedup,
+            &t.dedup_segments,
             &t.cursor,
             &t.dlq,
             &t.parked,
@@ -1350,11 +1542,21 @@ impl Ledger {
             &t.handlers,
         ] {
             let mut writes = Writes::default();
+            let mut unindex: Vec<(u64, u64)> = Vec::new();
             for entry in tree.scan_prefix(&prefix) {
-                writes.remove(tree, &entry?.0);
+                let (k, v) = entry?;
+                if std::ptr::eq(tree, &t.dedup) {
+                    unindex.push((dedup::encoded_key_hash(&k), dedup::OWN_RECORD));
+                } else if std::ptr::eq(tree, &t.dedup_segments) {
+                    dedup::segment_locations(&k, &v, |hash, at| unindex.push((hash, at)))?;
+                }
+                writes.remove(tree, &k);
                 removed += 1;
             }
             self.apply(writes)?;
+            for (hash, at) in unindex {
+                self.inner.dedup_index.remove(hash, at);
+            }
         }
         t.meta.remove(keys::handler_control(name))?;
         Ok(removed)

@@ -177,6 +177,30 @@ pub struct DedupRecord {
     pub outcome: DedupOutcome,
 }
 
+/// Record format of an idempotency segment: the records of one batch's
+/// messages, (idempotency key, record) in commit order (format 5 of the
+/// ledger on; see `ledger::dedup`).
+const FORMAT_DEDUP_SEGMENT: u8 = 3;
+
+/// Encodes an idempotency segment.
+pub fn encode_dedup_segment(records: &[(&str, &DedupRecord)]) -> Result<Vec<u8>, LedgerError> {
+    encode_as(FORMAT_DEDUP_SEGMENT, records)
+}
+
+/// Decodes an idempotency segment (its keys borrowed from `bytes`).
+pub fn decode_dedup_segment(bytes: &[u8]) -> Result<Vec<(&str, DedupRecord)>, LedgerError> {
+    const WHAT: &str = "idempotency segment";
+    match bytes.split_first() {
+        Some((&FORMAT_DEDUP_SEGMENT, body)) => {
+            postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{WHAT}: {e}")))
+        }
+        Some((v, _)) => Err(LedgerError::Corrupt(format!(
+            "{WHAT}: unknown record format {v} (written by a newer ordo?)"
+        ))),
+        None => Err(LedgerError::Corrupt(format!("{WHAT}: empty record"))),
+    }
+}
+
 /// A dead-lettered message with why it failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -671,7 +671,7 @@ fn a_ledger_of_a_newer_format_is_refused() {
 }
 
 #[test]
-fn recorded_keys_are_found_before_and_after_the_key_filter_fills() {
+fn recorded_keys_are_found_right_after_an_open_and_once_the_index_filled() {
     let dir = tempfile::tempdir().unwrap();
     let n = 50_000u64;
     {
@@ -686,16 +686,16 @@ fn recorded_keys_are_found_before_and_after_the_key_filter_fills() {
         ledger.flush().unwrap();
     }
     let ledger = Ledger::open(dir.path()).unwrap();
-    // Right after opening (the fill has most likely not finished).
+    // Right after opening (the lookup waits for the fill).
     assert_eq!(
         ledger.dedup_get("h", "m49999").unwrap(),
         Some(dedup_record(49_999))
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !ledger.key_filter_filled() {
+    while !ledger.dedup_index_filled() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the filter never filled"
+            "the index never filled"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
@@ -995,4 +995,244 @@ fn the_tools_leave_an_older_layout_as_it_is_or_refuse_it_untouched() {
     // The host's open migrates.
     drop(Ledger::open(old.path()).unwrap());
     assert_eq!(format_of(old.path()), Some(FORMAT));
+}
+
+/// The idempotency entries of a ledger: (own-key records, segments).
+fn dedup_entries(ledger: &Ledger) -> (usize, usize) {
+    let t = ledger.trees();
+    (t.dedup.iter().count(), t.dedup_segments.iter().count())
+}
+
+fn record_at(offset: u64, committed_at_ms: u64, outcome: DedupOutcome) -> DedupRecord {
+    DedupRecord {
+        committed_at_ms,
+        outcome,
+        ..dedup_record(offset)
+    }
+}
+
+fn dedup_batch(records: &[(String, DedupRecord)]) -> CommitBatch {
+    CommitBatch {
+        dedup: records
+            .iter()
+            .map(|(k, r)| ("h".to_string(), k.clone(), r.clone()))
+            .collect(),
+        ..CommitBatch::default()
+    }
+}
+
+fn filled(ledger: &Ledger) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ledger.dedup_index_filled() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index never filled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_batchs_idempotency_records_are_segments_and_the_newest_record_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let first: Vec<(String, DedupRecord)> = (0..600)
+            .map(|i| (format!("m{i}"), dedup_record(i)))
+            .collect();
+        ledger.commit(&dedup_batch(&first)).unwrap();
+        assert_eq!(
+            dedup_entries(&ledger),
+            (0, 3),
+            "600 records: three segments of at most {}",
+            dedup::SEGMENT_MAX
+        );
+        // Recorded again in later batches (held, then replayed).
+        let again =
+            |offset, outcome| dedup_batch(&[("m5".to_string(), record_at(offset, 3, outcome))]);
+        ledger.commit(&again(900, DedupOutcome::Parked)).unwrap();
+        assert_eq!(
+            ledger.dedup_get("h", "m5").unwrap(),
+            Some(record_at(900, 3, DedupOutcome::Parked))
+        );
+        ledger.commit(&again(901, DedupOutcome::Committed)).unwrap();
+        ledger.flush().unwrap();
+        assert_eq!(dedup_entries(&ledger), (0, 5));
+        assert!(ledger.dedup_index_bytes() >= 600 * 16);
+    }
+    // After a reopen the index is rebuilt from the segments.
+    let ledger = Ledger::open(dir.path()).unwrap();
+    assert_eq!(
+        ledger.dedup_get("h", "m5").unwrap(),
+        Some(record_at(901, 3, DedupOutcome::Committed)),
+        "the newest of a key's records"
+    );
+    for i in (0..600).filter(|i| *i != 5) {
+        assert_eq!(
+            ledger.dedup_get("h", &format!("m{i}")).unwrap(),
+            Some(dedup_record(i)),
+            "m{i}"
+        );
+    }
+    assert_eq!(ledger.dedup_get("h", "m600").unwrap(), None);
+    assert_eq!(
+        ledger.dedup_get("other", "m1").unwrap(),
+        None,
+        "per handler"
+    );
+    let report = ledger.check().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(
+        report.records.contains(&("dedup", 602)),
+        "check counts records, not segments: {:?}",
+        report.records
+    );
+}
+
+#[test]
+fn the_sweep_removes_expired_records_and_keeps_a_segments_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path()).unwrap();
+    // One old segment with a dead-lettered record among committed ones,
+    // one young segment.
+    let mut old: Vec<(String, DedupRecord)> = (0..10)
+        .map(|i| {
+            (
+                format!("old{i}"),
+                record_at(i, 100, DedupOutcome::Committed),
+            )
+        })
+        .collect();
+    old[3].1.outcome = DedupOutcome::DeadLettered;
+    ledger.commit(&dedup_batch(&old)).unwrap();
+    let young: Vec<(String, DedupRecord)> = (0..10)
+        .map(|i| {
+            (
+                format!("young{i}"),
+                record_at(i, 5_000, DedupOutcome::Committed),
+            )
+        })
+        .collect();
+    ledger.commit(&dedup_batch(&young)).unwrap();
+    // An own-key record of an older layout, expired.
+    ledger
+        .trees()
+        .dedup
+        .insert(
+            keys::dedup("h", "legacy"),
+            encode(&record_at(1, 100, DedupOutcome::Committed)).unwrap(),
+        )
+        .unwrap();
+    drop(ledger);
+    let ledger = Ledger::open(dir.path()).unwrap();
+    filled(&ledger);
+    assert!(
+        ledger.dedup_get("h", "legacy").unwrap().is_some(),
+        "indexed by the fill"
+    );
+    // In two passes of a few records each.
+    let (removed, next) = ledger.sweep_dedup(&[], 1_000, 5).unwrap();
+    assert_eq!(
+        removed, 10,
+        "the legacy record and nine of the old segment's"
+    );
+    let (more, next) = ledger.sweep_dedup(&next.unwrap(), 1_000, 5).unwrap();
+    assert_eq!((more, next), (0, None));
+    assert_eq!(ledger.dedup_get("h", "legacy").unwrap(), None);
+    for i in 0..10 {
+        let old = ledger.dedup_get("h", &format!("old{i}")).unwrap();
+        assert_eq!(old.is_some(), i == 3, "old{i}: {old:?}");
+        assert!(ledger
+            .dedup_get("h", &format!("young{i}"))
+            .unwrap()
+            .is_some());
+    }
+    assert_eq!(dedup_entries(&ledger), (0, 2), "the old segment rewritten");
+    // Sweeping everything committed leaves the dead-lettered record only.
+    let (removed, _) = ledger.sweep_dedup(&[], u64::MAX, 1_000).unwrap();
+    assert_eq!(removed, 10);
+    assert_eq!(dedup_entries(&ledger), (0, 1));
+    assert_eq!(
+        ledger.dedup_get("h", "old3").unwrap().map(|r| r.outcome),
+        Some(DedupOutcome::DeadLettered)
+    );
+    // Recorded again (replayed): the old dead-lettered record goes, the
+    // new one stays until it is old itself.
+    let replayed = vec![(
+        "old3".to_string(),
+        record_at(3, 5_000, DedupOutcome::Committed),
+    )];
+    ledger.commit(&dedup_batch(&replayed)).unwrap();
+    assert_eq!(ledger.sweep_dedup(&[], 1_000, 1_000).unwrap().0, 1);
+    assert_eq!(dedup_entries(&ledger), (0, 1));
+    assert_eq!(
+        ledger.dedup_get("h", "old3").unwrap(),
+        Some(replayed[0].1.clone())
+    );
+    // Purging the handler forgets it.
+    ledger.purge_handler("h").unwrap();
+    assert_eq!(ledger.dedup_get("h", "old3").unwrap(), None);
+}
+
+#[test]
+fn idempotency_records_export_per_record_and_import_as_segments() {
+    let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = Ledger::open(from.path()).unwrap();
+    let records: Vec<(String, DedupRecord)> = (0..300)
+        .map(|i| (format!("m{i}"), dedup_record(i)))
+        .collect();
+    source.commit(&dedup_batch(&records)).unwrap();
+    // An own-key record of an older layout is exported alike.
+    source
+        .trees()
+        .dedup
+        .insert(
+            keys::dedup("h", "legacy"),
+            encode(&dedup_record(7)).unwrap(),
+        )
+        .unwrap();
+    let mut out = Vec::new();
+    assert_eq!(source.export(&mut out, &|_| {}).unwrap(), 301);
+    let text = String::from_utf8(out.clone()).unwrap();
+    let dedup_lines: Vec<serde_json::Value> = text
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["tree"] == "dedup")
+        .collect();
+    assert_eq!(dedup_lines.len(), 301, "one line per record");
+    for line in &dedup_lines {
+        let key = B64.decode(line["key"].as_str().unwrap()).unwrap();
+        assert!(matches!(keys::parse_dedup(&key), Some(("h", _))));
+    }
+    let target = Ledger::open(to.path()).unwrap();
+    assert_eq!(target.import(&mut out.as_slice(), &|_, _| {}).unwrap(), 301);
+    assert_eq!(dedup_entries(&target), (0, 2), "301 records: two segments");
+    assert_eq!(
+        target.dedup_get("h", "legacy").unwrap(),
+        Some(dedup_record(7))
+    );
+    for i in (0..300).step_by(7) {
+        assert_eq!(
+            target.dedup_get("h", &format!("m{i}")).unwrap(),
+            Some(dedup_record(i))
+        );
+    }
+    // A line whose key is a segment's is refused with its line number.
+    let bad = format!(
+        "{}\n{}\n",
+        text.lines().next().unwrap(),
+        serde_json::json!({
+            "tree": "dedup",
+            "key": B64.encode(keys::dedup_segment("h", 1)),
+            "value": B64.encode(encode(&dedup_record(1)).unwrap()),
+        })
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let e = Ledger::open(empty.path())
+        .unwrap()
+        .import(&mut bad.as_bytes(), &|_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 2") && e.contains("dedup key"), "{e}");
 }

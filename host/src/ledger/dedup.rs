@@ -1,0 +1,405 @@
+//! Idempotency records: how they are stored and found.
+//!
+//! **Storage.** A lane's batch writes its messages' idempotency records as
+//! ONE `dedup_segments` value, a *segment*: up to [`SEGMENT_MAX`]
+//! (idempotency key, record) pairs under the key (handler, segment
+//! sequence) with a fresh, increasing sequence from
+//! [`super::Ledger::next_id`]. One sled insert at
+//! the end of the handler's keys per batch replaces one insert per message
+//! at a random place in the tree, which split a leaf every few inserts and
+//! was the whole cost of effectively-once over at-least-once (BENCHMARKS.md,
+//! items 15 and 16). `dedup_segments` is the last key space of the ledger
+//! tree on purpose: segments are appended at its end, and sled rewrites
+//! the leaf an insert lands in, so whatever sorts right after the newest
+//! segment is rewritten with it (in the `dedup` space's place that was a
+//! component in `artifacts`: 5 KB written per message). A ledger written
+//! before (format 4 and older) holds one record per key in `dedup` under
+//! (handler, idempotency key); those records are read, swept and exported
+//! where they are, and new ones are never written that way.
+//!
+//! **Lookup.** Segments cannot be found by idempotency key, so an in-memory
+//! [`DedupIndex`] maps a 64-bit hash of (handler, idempotency key) to the
+//! segments that hold it (or to the key's own record, location
+//! [`OWN_RECORD`]). A lookup reads only those segments, newest first, and
+//! compares the keys, so a hash collision costs a read, never a wrong
+//! answer; a hash that is not in the index was never recorded. The index
+//! takes about 20–40 bytes per recorded key (a `HashMap<u64, u64>` entry),
+//! where the Bloom filter it replaces took about 2 and still needed a sled
+//! read for every duplicate.
+//!
+//! Architecture invariant: every idempotency key written to the ledger is
+//! in the index before the write is applied ([`super::Ledger::commit`], the
+//! import), and the index answers only once its fill (a scan of the `dedup`
+//! space started when the ledger opens) has finished; until then lookups
+//! wait. So "not in the index" proves "never recorded". Removing a record
+//! (the sweep, a purge) removes its index entry after the write is applied.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::{Condvar, Mutex, RwLock};
+
+use super::keys;
+use super::records::{decode_dedup_segment, DedupRecord};
+use super::{LedgerError, Result};
+
+/// Records per segment at most; a batch with more writes several.
+pub const SEGMENT_MAX: usize = 256;
+/// Approximate encoded bytes of a segment at most (long idempotency keys
+/// make fewer records per segment), so a lookup decodes little.
+pub const SEGMENT_MAX_BYTES: usize = 32 << 10;
+
+/// Index location of a record stored under its own key (format 4 and
+/// older). Segment sequences come from `Ledger::next_id`, which never
+/// returns 0, and sort after it (newer).
+pub const OWN_RECORD: u64 = 0;
+
+/// The index's hash of (handler, idempotency key): SipHash-1-3 with fixed
+/// keys over the bytes of `keys::dedup(handler, key)`, fed without building
+/// that key. In memory only, so it need not be stable across builds.
+pub fn key_hash(handler: &str, idempotency_key: &str) -> u64 {
+    let mut h = hasher();
+    for s in [handler, idempotency_key] {
+        h.write(&(s.len() as u32).to_be_bytes());
+        h.write(s.as_bytes());
+    }
+    h.finish()
+}
+
+/// [`key_hash`] of an encoded `keys::dedup` key.
+pub fn encoded_key_hash(key: &[u8]) -> u64 {
+    let mut h = hasher();
+    h.write(key);
+    h.finish()
+}
+
+fn hasher() -> impl Hasher {
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher()
+}
+
+/// Passes an already well-mixed `u64` through (the index's keys are
+/// [`key_hash`]es).
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; this path exists for completeness.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type Map<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
+
+/// One shard: a hash with one location in `one`, with several (a key
+/// recorded again, or two keys whose hashes collide) in `many`; never in
+/// both.
+#[derive(Default)]
+struct Shard {
+    one: Map<u64>,
+    many: Map<Vec<u64>>,
+}
+
+impl Shard {
+    fn insert(&mut self, hash: u64, at: u64) {
+        if let Some(list) = self.many.get_mut(&hash) {
+            if !list.contains(&at) {
+                list.push(at);
+            }
+            return;
+        }
+        match self.one.insert(hash, at) {
+            Some(before) if before != at => {
+                self.one.remove(&hash);
+                self.many.insert(hash, vec![before, at]);
+            }
+            _ => {}
+        }
+    }
+
+    fn remove(&mut self, hash: u64, at: u64) {
+        if self.one.get(&hash) == Some(&at) {
+            self.one.remove(&hash);
+            return;
+        }
+        if let Some(list) = self.many.get_mut(&hash) {
+            list.retain(|a| *a != at);
+            if list.len() == 1 {
+                let last = list[0];
+                self.many.remove(&hash);
+                self.one.insert(hash, last);
+            } else if list.is_empty() {
+                self.many.remove(&hash);
+            }
+        }
+    }
+
+    fn get(&self, hash: u64) -> Vec<u64> {
+        if let Some(at) = self.one.get(&hash) {
+            return vec![*at];
+        }
+        let mut list = self.many.get(&hash).cloned().unwrap_or_default();
+        list.sort_unstable_by(|a, b| b.cmp(a));
+        list
+    }
+
+    fn bytes(&self) -> usize {
+        // hashbrown: one control byte per bucket besides the entry.
+        self.one.capacity() * 17
+            + self.many.capacity() * 33
+            + self.many.values().map(|l| l.capacity() * 8).sum::<usize>()
+    }
+}
+
+/// Where the index's fill is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fill {
+    Running,
+    Done,
+    Failed(String),
+}
+
+/// See the module docs. Shared by reference; all methods take `&self`.
+pub struct DedupIndex {
+    shards: Box<[RwLock<Shard>]>,
+    fill: Mutex<Fill>,
+    filled: Condvar,
+}
+
+/// Shards (by the hash's top bits), so lanes inserting a batch's keys
+/// rarely wait for each other.
+const SHARDS: usize = 64;
+
+impl DedupIndex {
+    /// An empty index whose fill is running.
+    pub fn new() -> DedupIndex {
+        DedupIndex {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            fill: Mutex::new(Fill::Running),
+            filled: Condvar::new(),
+        }
+    }
+
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[(hash >> 58) as usize % SHARDS]
+    }
+
+    /// Records that the key of `hash` is at `at` (a segment sequence or
+    /// [`OWN_RECORD`]).
+    pub fn insert(&self, hash: u64, at: u64) {
+        self.shard(hash)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, at);
+    }
+
+    /// Forgets that the key of `hash` is at `at`.
+    pub fn remove(&self, hash: u64, at: u64) {
+        self.shard(hash)
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hash, at);
+    }
+
+    /// Where keys of `hash` may be, newest first; empty when no such key
+    /// was recorded. Waits for the fill.
+    pub fn locations(&self, hash: u64) -> Result<Vec<u64>> {
+        self.wait_filled()?;
+        Ok(self
+            .shard(hash)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash))
+    }
+
+    /// Marks the fill finished: `Err` with why it failed (every lookup then
+    /// fails with it).
+    pub fn finish_fill(&self, outcome: std::result::Result<(), String>) {
+        let mut fill = self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        *fill = match outcome {
+            Ok(()) => Fill::Done,
+            Err(e) => Fill::Failed(e),
+        };
+        self.filled.notify_all();
+    }
+
+    /// Whether the fill has finished (successfully or not).
+    pub fn is_filled(&self) -> bool {
+        *self.fill.lock().unwrap_or_else(|p| p.into_inner()) != Fill::Running
+    }
+
+    /// Waits until the fill has finished; `Err` when it failed.
+    pub fn wait_filled(&self) -> Result<()> {
+        let mut fill = self.fill.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &*fill {
+                Fill::Done => return Ok(()),
+                Fill::Failed(e) => {
+                    return Err(LedgerError::Corrupt(format!(
+                        "the idempotency index could not be built ({e}); restart the host"
+                    )))
+                }
+                Fill::Running => {
+                    fill = self.filled.wait(fill).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    /// Approximate memory the index takes, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).bytes())
+            .sum()
+    }
+}
+
+/// Calls `f` with (hash, sequence) of every idempotency key of one
+/// `dedup_segments` entry; returns how many.
+pub fn segment_locations(key: &[u8], value: &[u8], mut f: impl FnMut(u64, u64)) -> Result<usize> {
+    let (handler, sequence) = keys::parse_dedup_segment(key).ok_or_else(|| {
+        LedgerError::Corrupt("dedup_segments: key is not (handler, sequence)".into())
+    })?;
+    let records = decode_dedup_segment(value)?;
+    for (k, _) in &records {
+        f(key_hash(handler, k), sequence);
+    }
+    Ok(records.len())
+}
+
+/// Cuts one handler's records into segments of at most [`SEGMENT_MAX`]
+/// records and about [`SEGMENT_MAX_BYTES`].
+pub fn cut<'a, 'r>(
+    records: &'a [(&'r str, &'r DedupRecord)],
+) -> impl Iterator<Item = &'a [(&'r str, &'r DedupRecord)]> {
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        while n < rest.len()
+            && n < SEGMENT_MAX
+            && (n == 0 || bytes + rest[n].0.len() + 48 <= SEGMENT_MAX_BYTES)
+        {
+            bytes += rest[n].0.len() + 48;
+            n += 1;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}
+
+/// The newest record of `idempotency_key` in a decoded segment.
+pub fn find<'a>(
+    segment: &'a [(&str, DedupRecord)],
+    idempotency_key: &str,
+) -> Option<&'a DedupRecord> {
+    segment
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == idempotency_key)
+        .map(|(_, r)| r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_of_parts_is_the_hash_of_the_encoded_key() {
+        let key = super::super::keys::dedup("handler", "order-1/payment");
+        assert_eq!(
+            key_hash("handler", "order-1/payment"),
+            encoded_key_hash(&key)
+        );
+        assert_ne!(key_hash("a", "b"), key_hash("ab", ""));
+    }
+
+    #[test]
+    fn colliding_and_rerecorded_keys_keep_every_location_until_removed() {
+        let index = DedupIndex::new();
+        index.finish_fill(Ok(()));
+        index.insert(7, 10);
+        assert_eq!(index.locations(7).unwrap(), vec![10]);
+        index.insert(7, 10);
+        assert_eq!(index.locations(7).unwrap(), vec![10], "no duplicate entry");
+        index.insert(7, OWN_RECORD);
+        index.insert(7, 30);
+        assert_eq!(
+            index.locations(7).unwrap(),
+            vec![30, 10, OWN_RECORD],
+            "newest first"
+        );
+        index.remove(7, 10);
+        assert_eq!(index.locations(7).unwrap(), vec![30, OWN_RECORD]);
+        index.remove(7, OWN_RECORD);
+        assert_eq!(index.locations(7).unwrap(), vec![30]);
+        index.remove(7, 99);
+        assert_eq!(index.locations(7).unwrap(), vec![30], "unknown location");
+        index.remove(7, 30);
+        assert!(index.locations(7).unwrap().is_empty());
+        assert!(index.locations(8).unwrap().is_empty());
+    }
+
+    #[test]
+    fn segments_are_cut_by_count_and_by_bytes() {
+        let record = DedupRecord {
+            offset: 1,
+            partition: 0,
+            version: 1,
+            payload_hash: [0; 16],
+            committed_at_ms: 0,
+            outcome: super::super::DedupOutcome::Committed,
+        };
+        let short: Vec<String> = (0..600).map(|i| format!("k{i}")).collect();
+        let refs: Vec<(&str, &DedupRecord)> = short.iter().map(|k| (k.as_str(), &record)).collect();
+        let sizes: Vec<usize> = cut(&refs).map(<[_]>::len).collect();
+        assert_eq!(sizes, vec![SEGMENT_MAX, SEGMENT_MAX, 600 - 2 * SEGMENT_MAX]);
+        let long: Vec<String> = (0..10)
+            .map(|i| format!("{i}{}", "x".repeat(10_000)))
+            .collect();
+        let refs: Vec<(&str, &DedupRecord)> = long.iter().map(|k| (k.as_str(), &record)).collect();
+        let sizes: Vec<usize> = cut(&refs).map(<[_]>::len).collect();
+        assert_eq!(sizes, vec![3, 3, 3, 1]);
+        let huge = "y".repeat(SEGMENT_MAX_BYTES * 2);
+        let refs = [(huge.as_str(), &record)];
+        assert_eq!(
+            cut(&refs).count(),
+            1,
+            "a record larger than a segment is one of its own"
+        );
+        assert_eq!(cut(&[]).count(), 0);
+    }
+
+    #[test]
+    fn lookups_wait_for_the_fill_and_fail_with_it() {
+        let index = std::sync::Arc::new(DedupIndex::new());
+        index.insert(1, 5);
+        assert!(!index.is_filled());
+        let waiting = {
+            let index = index.clone();
+            std::thread::spawn(move || index.locations(1))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "a lookup answered before the fill");
+        index.finish_fill(Ok(()));
+        assert_eq!(waiting.join().unwrap().unwrap(), vec![5]);
+
+        let failed = DedupIndex::new();
+        failed.finish_fill(Err("disk gone".into()));
+        let e = failed.locations(1).unwrap_err().to_string();
+        assert!(e.contains("disk gone"), "{e}");
+    }
+}
