@@ -36,6 +36,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
 
 use super::keys;
@@ -173,6 +174,8 @@ pub struct DedupIndex {
     shards: Box<[RwLock<Shard>]>,
     fill: Mutex<Fill>,
     filled: Condvar,
+    /// `fill` is `Done`: read on every lookup without the mutex.
+    done: AtomicBool,
 }
 
 /// Shards (by the hash's top bits), so lanes inserting a batch's keys
@@ -186,6 +189,7 @@ impl DedupIndex {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             fill: Mutex::new(Fill::Running),
             filled: Condvar::new(),
+            done: AtomicBool::new(false),
         }
     }
 
@@ -229,6 +233,7 @@ impl DedupIndex {
             Ok(()) => Fill::Done,
             Err(e) => Fill::Failed(e),
         };
+        self.done.store(*fill == Fill::Done, Ordering::Release);
         self.filled.notify_all();
     }
 
@@ -239,6 +244,9 @@ impl DedupIndex {
 
     /// Waits until the fill has finished; `Err` when it failed.
     pub fn wait_filled(&self) -> Result<()> {
+        if self.done.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut fill = self.fill.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             match &*fill {
@@ -299,18 +307,6 @@ pub fn cut<'a, 'r>(
         rest = tail;
         Some(head)
     })
-}
-
-/// The newest record of `idempotency_key` in a decoded segment.
-pub fn find<'a>(
-    segment: &'a [(&str, DedupRecord)],
-    idempotency_key: &str,
-) -> Option<&'a DedupRecord> {
-    segment
-        .iter()
-        .rev()
-        .find(|(k, _)| *k == idempotency_key)
-        .map(|(_, r)| r)
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ use dedup::DedupIndex;
 use records::{
     cut_segments, decode, decode_dedup_segment, decode_handler_version, decode_segment,
     decode_state, encode, encode_dedup_segment, encode_handler_version, encode_segment,
-    encode_state,
+    encode_state, find_in_dedup_segment,
 };
 pub use records::{
     AuditRecord, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
@@ -999,9 +999,8 @@ impl Ledger {
                 .dedup_segments
                 .get(keys::dedup_segment(handler, at))?
             {
-                let segment = decode_dedup_segment(&v)?;
-                if let Some(r) = dedup::find(&segment, idempotency_key) {
-                    return Ok(Some(r.clone()));
+                if let Some(r) = find_in_dedup_segment(&v, idempotency_key)? {
+                    return Ok(Some(r));
                 }
             }
         }
@@ -1033,7 +1032,7 @@ impl Ledger {
                 .dedup_segments
                 .get(keys::dedup_segment(handler, at))?
             {
-                if dedup::find(&decode_dedup_segment(&v)?, idempotency_key).is_some() {
+                if find_in_dedup_segment(&v, idempotency_key)?.is_some() {
                     return Ok(true);
                 }
             }

@@ -201,6 +201,31 @@ pub fn decode_dedup_segment(bytes: &[u8]) -> Result<Vec<(&str, DedupRecord)>, Le
     }
 }
 
+/// The last record of `idempotency_key` in an idempotency segment, found
+/// without building the segment: each record is decoded in turn, its key
+/// compared as bytes.
+pub fn find_in_dedup_segment(
+    bytes: &[u8],
+    idempotency_key: &str,
+) -> Result<Option<DedupRecord>, LedgerError> {
+    let corrupt = |e: postcard::Error| LedgerError::Corrupt(format!("idempotency segment: {e}"));
+    let body = match bytes.split_first() {
+        Some((&FORMAT_DEDUP_SEGMENT, body)) => body,
+        _ => return decode_dedup_segment(bytes).map(|_| None),
+    };
+    let (count, mut rest) = postcard::take_from_bytes::<usize>(body).map_err(corrupt)?;
+    let mut found = None;
+    for _ in 0..count {
+        let (key, after) = postcard::take_from_bytes::<&[u8]>(rest).map_err(corrupt)?;
+        let (record, after) = postcard::take_from_bytes::<DedupRecord>(after).map_err(corrupt)?;
+        if key == idempotency_key.as_bytes() {
+            found = Some(record);
+        }
+        rest = after;
+    }
+    Ok(found)
+}
+
 /// A dead-lettered message with why it failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -597,6 +622,41 @@ mod tests {
             headers: vec![("h".into(), "v".into())],
             appended_at_ms: 5,
         }
+    }
+
+    #[test]
+    fn an_idempotency_segment_is_searched_as_it_decodes() {
+        let record = |offset| DedupRecord {
+            offset,
+            partition: 3,
+            version: 2,
+            payload_hash: [9; 16],
+            committed_at_ms: 1_700_000_000_000,
+            outcome: DedupOutcome::Committed,
+        };
+        let (a, b, c) = (record(1), record(300), record(70_000));
+        let bytes = encode_dedup_segment(&[("k1", &a), ("k2", &b), ("k1", &c)]).unwrap();
+        assert_eq!(
+            decode_dedup_segment(&bytes).unwrap(),
+            vec![("k1", a), ("k2", b.clone()), ("k1", c.clone())]
+        );
+        assert_eq!(
+            find_in_dedup_segment(&bytes, "k1").unwrap(),
+            Some(c),
+            "the last one"
+        );
+        assert_eq!(find_in_dedup_segment(&bytes, "k2").unwrap(), Some(b));
+        assert_eq!(find_in_dedup_segment(&bytes, "k").unwrap(), None);
+        for cut in 1..bytes.len() {
+            assert!(
+                find_in_dedup_segment(&bytes[..cut], "zz").is_err(),
+                "cut at {cut}"
+            );
+        }
+        assert!(
+            find_in_dedup_segment(&[7, 1], "k1").is_err(),
+            "unknown format"
+        );
     }
 
     #[test]
