@@ -179,51 +179,118 @@ pub struct DedupRecord {
 
 /// Record format of an idempotency segment: the records of one batch's
 /// messages, (idempotency key, record) in commit order (format 5 of the
-/// ledger on; see `ledger::dedup`).
+/// ledger on; see `ledger::dedup`). Laid out so that a lookup decodes one
+/// record, not the segment: the format byte, the count (u32), then per
+/// record its key's FNV-1a 32 fingerprint and the end of its entry (u32
+/// each, big-endian), then the entries (postcard of (key, record)).
 const FORMAT_DEDUP_SEGMENT: u8 = 3;
 
 /// Encodes an idempotency segment.
 pub fn encode_dedup_segment(records: &[(&str, &DedupRecord)]) -> Result<Vec<u8>, LedgerError> {
-    encode_as(FORMAT_DEDUP_SEGMENT, records)
+    let mut entries = Vec::new();
+    let mut index = Vec::with_capacity(records.len() * 8);
+    for record in records {
+        postcard::to_io(record, &mut entries).map_err(|e| LedgerError::Encode(e.to_string()))?;
+        let end = u32::try_from(entries.len())
+            .map_err(|_| LedgerError::Encode("idempotency segment over 4 GiB".into()))?;
+        index.extend_from_slice(&crate::source::fnv1a_32(record.0.as_bytes()).to_be_bytes());
+        index.extend_from_slice(&end.to_be_bytes());
+    }
+    let mut out = Vec::with_capacity(5 + index.len() + entries.len());
+    out.push(FORMAT_DEDUP_SEGMENT);
+    out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    out.extend_from_slice(&index);
+    out.extend_from_slice(&entries);
+    Ok(out)
+}
+
+/// An idempotency segment's parts, checked for length.
+struct DedupSegmentView<'a> {
+    /// (fingerprint, entry end) per record, 8 bytes each.
+    index: &'a [u8],
+    entries: &'a [u8],
+}
+
+const SEGMENT_WHAT: &str = "idempotency segment";
+
+fn corrupt_segment(why: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Corrupt(format!("{SEGMENT_WHAT}: {why}"))
+}
+
+impl<'a> DedupSegmentView<'a> {
+    fn new(bytes: &'a [u8]) -> Result<Self, LedgerError> {
+        let body = match bytes.split_first() {
+            Some((&FORMAT_DEDUP_SEGMENT, body)) => body,
+            Some((v, _)) => {
+                return Err(corrupt_segment(format_args!(
+                    "unknown record format {v} (written by a newer ordo?)"
+                )))
+            }
+            None => return Err(corrupt_segment("empty record")),
+        };
+        let truncated = || corrupt_segment("truncated");
+        let count = body
+            .get(..4)
+            .and_then(|c| c.try_into().ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(truncated)? as usize;
+        let index = body.get(4..4 + count * 8).ok_or_else(truncated)?;
+        let view = DedupSegmentView {
+            index,
+            entries: &body[4 + count * 8..],
+        };
+        if view.len() > 0 && view.end(view.len() - 1) != view.entries.len() {
+            return Err(truncated());
+        }
+        Ok(view)
+    }
+
+    fn len(&self) -> usize {
+        self.index.len() / 8
+    }
+
+    fn word(&self, i: usize, at: usize) -> u32 {
+        let w = &self.index[i * 8 + at..i * 8 + at + 4];
+        u32::from_be_bytes([w[0], w[1], w[2], w[3]])
+    }
+
+    fn end(&self, i: usize) -> usize {
+        self.word(i, 4) as usize
+    }
+
+    fn entry(&self, i: usize) -> Result<(&'a str, DedupRecord), LedgerError> {
+        let start = if i == 0 { 0 } else { self.end(i - 1) };
+        let bytes = self
+            .entries
+            .get(start..self.end(i))
+            .ok_or_else(|| corrupt_segment("entry out of bounds"))?;
+        postcard::from_bytes(bytes).map_err(corrupt_segment)
+    }
 }
 
 /// Decodes an idempotency segment (its keys borrowed from `bytes`).
 pub fn decode_dedup_segment(bytes: &[u8]) -> Result<Vec<(&str, DedupRecord)>, LedgerError> {
-    const WHAT: &str = "idempotency segment";
-    match bytes.split_first() {
-        Some((&FORMAT_DEDUP_SEGMENT, body)) => {
-            postcard::from_bytes(body).map_err(|e| LedgerError::Corrupt(format!("{WHAT}: {e}")))
-        }
-        Some((v, _)) => Err(LedgerError::Corrupt(format!(
-            "{WHAT}: unknown record format {v} (written by a newer ordo?)"
-        ))),
-        None => Err(LedgerError::Corrupt(format!("{WHAT}: empty record"))),
-    }
+    let view = DedupSegmentView::new(bytes)?;
+    (0..view.len()).map(|i| view.entry(i)).collect()
 }
 
-/// The last record of `idempotency_key` in an idempotency segment, found
-/// without building the segment: each record is decoded in turn, its key
-/// compared as bytes.
+/// The last record of `idempotency_key` in an idempotency segment: only
+/// the entries whose fingerprint matches are decoded.
 pub fn find_in_dedup_segment(
     bytes: &[u8],
     idempotency_key: &str,
 ) -> Result<Option<DedupRecord>, LedgerError> {
-    let corrupt = |e: postcard::Error| LedgerError::Corrupt(format!("idempotency segment: {e}"));
-    let body = match bytes.split_first() {
-        Some((&FORMAT_DEDUP_SEGMENT, body)) => body,
-        _ => return decode_dedup_segment(bytes).map(|_| None),
-    };
-    let (count, mut rest) = postcard::take_from_bytes::<usize>(body).map_err(corrupt)?;
-    let mut found = None;
-    for _ in 0..count {
-        let (key, after) = postcard::take_from_bytes::<&[u8]>(rest).map_err(corrupt)?;
-        let (record, after) = postcard::take_from_bytes::<DedupRecord>(after).map_err(corrupt)?;
-        if key == idempotency_key.as_bytes() {
-            found = Some(record);
+    let view = DedupSegmentView::new(bytes)?;
+    let fingerprint = crate::source::fnv1a_32(idempotency_key.as_bytes());
+    for i in (0..view.len()).rev() {
+        if view.word(i, 0) == fingerprint {
+            let (key, record) = view.entry(i)?;
+            if key == idempotency_key {
+                return Ok(Some(record));
+            }
         }
-        rest = after;
     }
-    Ok(found)
+    Ok(None)
 }
 
 /// A dead-lettered message with why it failed.

@@ -9,5 +9,5 @@ pub mod jetstream;
 pub mod partition;
 pub mod topics;
 
-pub use partition::{canary_bucket, partition_for};
+pub use partition::{canary_bucket, fnv1a_32, partition_for};
 pub use topics::{validate_topic_name, Topics};
