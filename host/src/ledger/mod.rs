@@ -1,7 +1,8 @@
 //! The ledger: ordo's single source of truth, an embedded sled database.
 //!
 //! It holds the embedded log (`log`), every handler's state (`state`), the
-//! idempotency records (`dedup`), the source positions (`cursor`), the
+//! idempotency records (`dedup_segments`, and `dedup` of older layouts;
+//! see `dedup.rs`), the source positions (`cursor`), the
 //! outbox (`outbox`), dead letters (`dlq`), parked partition keys
 //! (`parked`), pending operator actions on dead letters (`dlq_actions`),
 //! deployed versions (`handlers`, `artifacts`), the operator audit trail
@@ -9,8 +10,8 @@
 //! ([`space`]). Key encodings are in [`keys`].
 //!
 //! A lane's batch is applied with [`Ledger::commit`] as ONE atomic batch
-//! over `state`, `dedup`, `cursor`, `dlq`, `log`, `outbox`, `parked` and
-//! `dlq_actions` (all-or-nothing across crashes through the [`journal`]),
+//! over `state`, `dedup_segments`, `cursor`, `dlq`, `log`, `outbox`,
+//! `parked` and `dlq_actions` (all-or-nothing across crashes through the [`journal`]),
 //! then made durable by the [`GroupCommitter`]'s shared flush. (sled's own
 //! transactions re-read every key they write, and its transactions and
 //! atomic batches switch on a global lock that every flush then holds;
@@ -1247,7 +1248,8 @@ impl Ledger {
     }
 
     /// Applies a batch atomically (one journaled batch over the state,
-    /// dedup, cursor, dlq, log, outbox, parked and dlq_actions spaces). Not
+    /// dedup_segments, cursor, dlq, log, outbox, parked and dlq_actions
+    /// spaces). Not
     /// durable until flushed.
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
         let t = self.trees();

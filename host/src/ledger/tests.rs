@@ -691,14 +691,7 @@ fn recorded_keys_are_found_right_after_an_open_and_once_the_index_filled() {
         ledger.dedup_get("h", "m49999").unwrap(),
         Some(dedup_record(49_999))
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !ledger.dedup_index_filled() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the index never filled"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_index_filled(&ledger);
     for i in (0..n).step_by(997) {
         assert_eq!(
             ledger.dedup_get("h", &format!("m{i}")).unwrap(),
@@ -1021,7 +1014,8 @@ fn dedup_batch(records: &[(String, DedupRecord)]) -> CommitBatch {
     }
 }
 
-fn filled(ledger: &Ledger) {
+/// Waits until the ledger's idempotency index is filled.
+fn wait_index_filled(ledger: &Ledger) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !ledger.dedup_index_filled() {
         assert!(
@@ -1125,7 +1119,7 @@ fn the_sweep_removes_expired_records_and_keeps_a_segments_others() {
         .unwrap();
     drop(ledger);
     let ledger = Ledger::open(dir.path()).unwrap();
-    filled(&ledger);
+    wait_index_filled(&ledger);
     assert!(
         ledger.dedup_get("h", "legacy").unwrap().is_some(),
         "indexed by the fill"
