@@ -29,9 +29,9 @@
 //!
 //! Architecture invariant: every idempotency key written to the ledger is
 //! in the index before the write is applied ([`super::Ledger::commit`], the
-//! import), and the index answers only once its fill (a scan of the `dedup`
-//! space started when the ledger opens) has finished; until then lookups
-//! wait. So "not in the index" proves "never recorded". Removing a record
+//! import), and the index answers only once its fill (a scan of the
+//! `dedup` and `dedup_segments` spaces started when the ledger opens) has
+//! finished; until then lookups wait. So "not in the index" proves "never recorded". Removing a record
 //! (the sweep, a purge) removes its index entry after the write is applied.
 
 use std::collections::HashMap;
@@ -56,7 +56,10 @@ pub const OWN_RECORD: u64 = 0;
 
 /// The index's hash of (handler, idempotency key): SipHash-1-3 with fixed
 /// keys over the bytes of `keys::dedup(handler, key)`, fed without building
-/// that key. In memory only, so it need not be stable across builds.
+/// that key. In memory only, so it need not be stable across builds. With
+/// the keys known, a producer can at best make pairs of its keys collide
+/// (about 2^32 hashes per pair), which costs a lookup of either one more
+/// segment read.
 pub fn key_hash(handler: &str, idempotency_key: &str) -> u64 {
     let mut h = hasher();
     for s in [handler, idempotency_key] {
