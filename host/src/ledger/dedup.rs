@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, RwLock};
 
 use super::keys;
-use super::records::{decode_dedup_segment, DedupRecord};
+use super::records::{cut_runs, decode_dedup_segment, DedupRecord};
 use super::{LedgerError, Result};
 
 /// Records per segment at most; a batch with more writes several.
@@ -293,23 +293,10 @@ pub fn segment_locations(key: &[u8], value: &[u8], mut f: impl FnMut(u64, u64)) 
 pub fn cut<'a, 'r>(
     records: &'a [(&'r str, &'r DedupRecord)],
 ) -> impl Iterator<Item = &'a [(&'r str, &'r DedupRecord)]> {
-    let mut rest = records;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let (mut n, mut bytes) = (0, 0);
-        while n < rest.len()
-            && n < SEGMENT_MAX
-            && (n == 0 || bytes + rest[n].0.len() + 48 <= SEGMENT_MAX_BYTES)
-        {
-            bytes += rest[n].0.len() + 48;
-            n += 1;
-        }
-        let (head, tail) = rest.split_at(n);
-        rest = tail;
-        Some(head)
+    cut_runs(records, SEGMENT_MAX, SEGMENT_MAX_BYTES, |(k, _)| {
+        k.len() + 48
     })
+    .map(|(_, run)| run)
 }
 
 #[cfg(test)]

@@ -988,21 +988,38 @@ impl Ledger {
     /// The idempotency record of a key, if any (the newest, if it was
     /// recorded more than once). Waits for the index's fill after an open.
     pub fn dedup_get(&self, handler: &str, idempotency_key: &str) -> Result<Option<DedupRecord>> {
+        Ok(self
+            .newest_dedup_record(handler, idempotency_key)?
+            .map(|(_, record)| record))
+    }
+
+    /// The newest record of a key with its location (a segment sequence or
+    /// [`dedup::OWN_RECORD`]): the index's locations are read newest first.
+    fn newest_dedup_record(
+        &self,
+        handler: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<(u64, DedupRecord)>> {
         let hash = dedup::key_hash(handler, idempotency_key);
         for at in self.inner.dedup_index.locations(hash)? {
-            if at == dedup::OWN_RECORD {
+            let record = if at == dedup::OWN_RECORD {
                 let key = keys::dedup(handler, idempotency_key);
-                if let Some(v) = self.trees().dedup.get(key)? {
-                    return Ok(Some(decode(&v, "dedup record")?));
+                match self.trees().dedup.get(key)? {
+                    Some(v) => Some(decode(&v, "dedup record")?),
+                    None => None,
                 }
-            } else if let Some(v) = self
-                .trees()
-                .dedup_segments
-                .get(keys::dedup_segment(handler, at))?
-            {
-                if let Some(r) = find_in_dedup_segment(&v, idempotency_key)? {
-                    return Ok(Some(r));
+            } else {
+                match self
+                    .trees()
+                    .dedup_segments
+                    .get(keys::dedup_segment(handler, at))?
+                {
+                    Some(v) => find_in_dedup_segment(&v, idempotency_key)?,
+                    None => None,
                 }
+            };
+            if let Some(record) = record {
+                return Ok(Some((at, record)));
             }
         }
         Ok(None)
@@ -1023,22 +1040,9 @@ impl Ledger {
     /// Whether `idempotency_key` was recorded again in a segment after
     /// location `after` (a segment sequence or [`dedup::OWN_RECORD`]).
     fn recorded_after(&self, handler: &str, idempotency_key: &str, after: u64) -> Result<bool> {
-        let hash = dedup::key_hash(handler, idempotency_key);
-        for at in self.inner.dedup_index.locations(hash)? {
-            if at <= after {
-                break; // newest first
-            }
-            if let Some(v) = self
-                .trees()
-                .dedup_segments
-                .get(keys::dedup_segment(handler, at))?
-            {
-                if find_in_dedup_segment(&v, idempotency_key)?.is_some() {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        Ok(self
+            .newest_dedup_record(handler, idempotency_key)?
+            .is_some_and(|(at, _)| at > after))
     }
 
     /// Adds one handler's idempotency records to `writes` as segments

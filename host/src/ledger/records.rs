@@ -113,6 +113,33 @@ pub fn decode_segment(bytes: &[u8]) -> Result<Vec<Envelope>, LedgerError> {
     }
 }
 
+/// Cuts `items` into runs of at most `max_items` and about `max_bytes`
+/// (by `len`; an item larger than that is a run of its own): yields each
+/// run with the index of its first item. Log and idempotency segments are
+/// cut this way.
+pub fn cut_runs<T>(
+    items: &[T],
+    max_items: usize,
+    max_bytes: usize,
+    len: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = (usize, &[T])> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        let rest = &items[start..];
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut n, mut bytes) = (0, 0);
+        while n < rest.len() && n < max_items && (n == 0 || bytes + len(&rest[n]) <= max_bytes) {
+            bytes += len(&rest[n]);
+            n += 1;
+        }
+        let run = (start, &rest[..n]);
+        start += n;
+        Some(run)
+    })
+}
+
 /// Cuts a partition's messages (consecutive offsets from `first`) into
 /// segments of at most [`SEGMENT_MAX_ENTRIES`] messages and about
 /// [`SEGMENT_MAX_BYTES`]; calls `f` with each segment's first offset and
@@ -122,17 +149,11 @@ pub fn cut_segments<'a>(
     entries: &[&'a Envelope],
     mut f: impl FnMut(u64, &[&'a Envelope]) -> Result<(), LedgerError>,
 ) -> Result<(), LedgerError> {
-    let (mut start, mut bytes) = (0usize, 0usize);
-    for (i, e) in entries.iter().enumerate() {
-        let len = e.encoded_len_hint();
-        if i > start && (i - start == SEGMENT_MAX_ENTRIES || bytes + len > SEGMENT_MAX_BYTES) {
-            f(first + start as u64, &entries[start..i])?;
-            (start, bytes) = (i, 0);
-        }
-        bytes += len;
-    }
-    if start < entries.len() {
-        f(first + start as u64, &entries[start..])?;
+    let runs = cut_runs(entries, SEGMENT_MAX_ENTRIES, SEGMENT_MAX_BYTES, |e| {
+        e.encoded_len_hint()
+    });
+    for (start, segment) in runs {
+        f(first + start as u64, segment)?;
     }
     Ok(())
 }
