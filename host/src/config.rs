@@ -8,6 +8,8 @@
 //! partitions = 16                # of topics created on first use
 //! topic_retention_secs = 604800
 //! ledger_cache_mib = 256         # ledger pages kept in memory
+//! workers = 2                    # threads running lane batches (default:
+//!                                # one per core)
 //!
 //! [defaults.retry]               # policy of handlers that set none
 //! max_attempts = 10
@@ -88,6 +90,8 @@ pub struct ServerSection {
     pub max_component_bytes: Option<usize>,
     /// See `ordo serve --max-batch`.
     pub max_batch: Option<Spanned<usize>>,
+    /// See `ordo serve --workers`.
+    pub workers: Option<Spanned<u32>>,
     /// See `ordo serve --topic-retention-secs`.
     pub topic_retention_secs: Option<Spanned<u64>>,
     /// See `ordo serve --dedup-retention-secs`.
@@ -245,6 +249,15 @@ impl ConfigFile {
                     b.span(),
                     "server.max_batch",
                     "must be at least 1".into(),
+                ));
+            }
+        }
+        if let Some(w) = &s.workers {
+            if !(1..=1024).contains(w.get_ref()) {
+                return Err(at(
+                    w.span(),
+                    "server.workers",
+                    format!("must be from 1 to 1024, got {}", w.get_ref()),
                 ));
             }
         }

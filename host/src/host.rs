@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::ingest::IncomingMessage;
 use crate::dispatch::{
-    run_lane, ActiveVersion, Executor, HandlerStats, LaneContext, NativeHandler, Runnable,
+    run_lane, ActiveVersion, Executor, HandlerStats, LaneContext, NativeHandler, Runnable, Workers,
 };
 use crate::ledger::{
     now_ms, AuditRecord, DeadLetter, DlqAction, Envelope, FailurePolicy, GroupCommitter,
@@ -27,6 +27,9 @@ pub struct HostConfig {
     pub topic_defaults: TopicConfig,
     /// Messages per lane transaction, at most.
     pub max_batch: usize,
+    /// Threads that run lane batches (handler calls and commits); see
+    /// [`crate::dispatch::Workers`].
+    pub workers: usize,
     /// Sandbox limits for newly deployed handlers.
     pub handler_limits: HandlerLimits,
     /// Process-wide sandbox settings.
@@ -55,6 +58,7 @@ impl Default for HostConfig {
         HostConfig {
             topic_defaults: TopicConfig::default(),
             max_batch: 256,
+            workers: Workers::default_count(),
             handler_limits: HandlerLimits::default(),
             runtime: RuntimeConfig::default(),
             failure_policy: FailurePolicy::default(),
@@ -264,6 +268,7 @@ pub struct Host {
     topics: Topics,
     config: HostConfig,
     exec_slots: Arc<Semaphore>,
+    workers: Workers,
     stop: watch::Sender<bool>,
     metrics: crate::metrics::Metrics,
     retention_removed: std::sync::atomic::AtomicU64,
@@ -301,10 +306,13 @@ impl Host {
                 );
             }
         }
+        let workers = Workers::start(config.workers, committer.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))?;
         let host = Arc::new(Host {
             exec_slots: Arc::new(Semaphore::new(
                 config.runtime.max_concurrent_instances as usize,
             )),
+            workers,
             ledger,
             committer,
             runtime,
@@ -616,6 +624,7 @@ impl Host {
             control: control_rx,
             stats: stats.clone(),
             exec_slots: self.exec_slots.clone(),
+            workers: self.workers.clone(),
             stop: stop_rx,
             max_batch: self.config.max_batch,
             dedup: self.config.dedup,

@@ -37,6 +37,11 @@ pub struct ServeArgs {
     /// Messages per lane transaction, at most [default: 256].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch: Option<u64>,
+    /// Threads that run lane batches (handler calls and ledger commits);
+    /// each lane is served by one of them, and a thread commits the
+    /// batches it ran together [default: one per core].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
     /// Retention of topics created on first use: committed messages older
     /// than this are removed from the embedded log [default: 7 days].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -98,6 +103,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .or(srv.max_batch.as_ref().map(|s| *s.get_ref()))
     {
         config.max_batch = b.max(1);
+    }
+    if let Some(w) = args.workers.or(srv.workers.as_ref().map(|s| *s.get_ref())) {
+        config.workers = w.max(1) as usize;
     }
     if let Some(r) = args
         .topic_retention_secs

@@ -16,6 +16,7 @@ fn write_config(dir: &Path, max_attempts: u32) -> std::path::PathBuf {
 [server]
 partitions = 4
 ledger_cache_mib = 64
+workers = 3
 
 [defaults.retry]
 initial_backoff_ms = 10
@@ -82,6 +83,7 @@ fn bad_config_files_name_the_place() {
         ("out of range", "[topics.orders]\nretention_secs = 5\npartitions = 0\n".into(), ":3: topics.orders.partitions"),
         ("bad policy", "[defaults.retry]\nmax_attempts = 0\n".into(), ":1: defaults.retry: max_attempts"),
         ("tiny ledger cache", "[server]\n\nledger_cache_mib = 1\n".into(), ":3: server.ledger_cache_mib: must be at least 16"),
+        ("no workers", "[server]\nworkers = 0\n".into(), ":2: server.workers: must be from 1 to 1024, got 0"),
         ("missing component", "\n[handlers.h]\ncomponent = \"missing.wasm\"\ntopic = \"t\"\n".into(), ":3: handlers.h.component: no such file"),
         ("bad handler name", format!("[handlers.\"a b\"]\ncomponent = \"{counter}\"\ntopic = \"t\"\n"), ":1: handlers.a b"),
         ("unknown section", "[sources.nats]\nurl = \"x\"\n".into(), "unknown field `sources`"),

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 
 use super::stats::{BatchCounts, HandlerStats};
+use super::worker::Workers;
 use crate::ledger::{
     now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
     GroupCommitter, Ledger, OnFailure, OutboxEntry, ParkedKey, StateMap,
@@ -155,6 +156,8 @@ pub struct LaneContext {
     pub stats: Arc<HandlerStats>,
     /// Bounds concurrent invocations to the runtime's instance pool.
     pub exec_slots: Arc<Semaphore>,
+    /// The threads that run and commit lane batches.
+    pub workers: Workers,
     /// Set to `true` to stop the lane after its current batch.
     pub stop: watch::Receiver<bool>,
     /// Messages per transaction, at most.
@@ -165,62 +168,6 @@ pub struct LaneContext {
     pub metrics: crate::metrics::Metrics,
     /// This handler's metric labels.
     pub label: crate::metrics::HandlerLabel,
-}
-
-/// A lane's own thread for its blocking work (handler calls and ledger
-/// commits), one job at a time.
-///
-/// Not `spawn_blocking`: tokio's blocking pool hands every job through one
-/// mutex, and with 16 lanes on 2 cores the holder of that mutex is often
-/// descheduled while the other lanes spin and queue behind it (BENCHMARKS
-/// item 14). A lane runs at most one batch at a time anyway, so a thread
-/// of its own, fed through its own channel, shares nothing.
-struct LaneWorker {
-    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
-}
-
-impl LaneWorker {
-    /// Stack of a lane thread: room for the guest's wasm stack (512 KiB by
-    /// default) plus the host's frames around it.
-    const STACK: usize = 4 << 20;
-
-    /// Starts the thread; it ends when the worker is dropped.
-    fn start(name: String) -> std::io::Result<Self> {
-        let (jobs, queue) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
-        std::thread::Builder::new()
-            .name(name)
-            .stack_size(Self::STACK)
-            .spawn(move || {
-                while let Ok(job) = queue.recv() {
-                    job();
-                }
-            })?;
-        Ok(LaneWorker { jobs })
-    }
-
-    /// Runs `f` on the lane's thread; `Err` when it panicked (with the
-    /// panic's message) or the thread is gone.
-    async fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<R, String> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        let job = Box::new(move || {
-            let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
-        });
-        if self.jobs.send(job).is_err() {
-            return Err("the lane's thread has ended".into());
-        }
-        match result.await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(panic)) => Err(panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into())),
-            Err(_) => Err("the lane's thread has ended".into()),
-        }
-    }
 }
 
 /// Uncommitted state writes of one partition key within a batch.
@@ -337,13 +284,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         }
     };
     let mut parked: HashSet<String> = parked.into_iter().map(|p| p.partition_key).collect();
-    let worker = match LaneWorker::start(format!("ordo-lane-{partition}")) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(%handler, partition, error = %e, "cannot start the lane's thread; lane not started");
-            return;
-        }
-    };
+    let worker = ctx.workers.assign();
     let mut source = match &ctx.jetstream {
         Some(js) => LaneSource::JetStream(Box::new(PartitionReader::new(
             js.clone(),
@@ -530,9 +471,9 @@ async fn publish_pending(ctx: &LaneContext, pending: &mut Option<BatchOutcome>) 
 
 /// What one batch did, applied to the lane once it is durable.
 #[derive(Default)]
-struct BatchOutcome {
+pub(super) struct BatchOutcome {
     /// Group-commit ticket to wait for; `None` when nothing was written.
-    ticket: Option<u64>,
+    pub(super) ticket: Option<u64>,
     next_cursor: Option<u64>,
     counts: BatchCounts,
     /// Embedded-log partitions that received emitted messages.
@@ -677,7 +618,7 @@ fn payload_hash(payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// A lane's view for one batch (runs on a blocking thread).
+/// A lane's view for one batch (runs on the lane's worker thread).
 struct LaneView<'a> {
     ctx: &'a LaneContext,
     active: &'a ActiveVersion,
@@ -901,13 +842,13 @@ impl<'a> Builder<'a> {
             .push((handler, partition, key.to_string(), parked));
     }
 
-    /// Commits the batch (when it wrote anything).
-    fn finish(mut self, next_cursor: Option<u64>) -> anyhow::Result<BatchOutcome> {
+    /// The batch, ready for its worker to commit.
+    fn finish(mut self, next_cursor: Option<u64>) -> anyhow::Result<Built> {
         let ctx = self.lane.ctx;
         let handler = ctx.handler.to_string();
         {
             // Each written key's new record: its committed one (taken out of
-            // the cache, put back below once applied) with the writes on top.
+            // the cache, put back once applied) with the writes on top.
             let mut cache = lock(self.lane.cache);
             for (partition_key, writes) in std::mem::take(&mut self.pending) {
                 if writes.is_empty() {
@@ -930,6 +871,26 @@ impl<'a> Builder<'a> {
                 .cursors
                 .push((handler, ctx.source.to_string(), self.lane.partition, next));
         }
+        self.outcome.next_cursor = next_cursor;
+        Ok(Built {
+            batch: self.batch,
+            outcome: self.outcome,
+            cache: self.lane.cache.clone(),
+        })
+    }
+}
+
+/// A lane batch built (its handler calls made), for its worker to commit.
+pub(super) struct Built {
+    batch: CommitBatch,
+    outcome: BatchOutcome,
+    /// The lane's cache, which takes the batch's state records once applied.
+    cache: SharedCache,
+}
+
+impl Built {
+    /// The transaction to apply; `None` when the batch wrote nothing.
+    pub(super) fn batch(&self) -> Option<&CommitBatch> {
         let b = &self.batch;
         let empty = b.state.is_empty()
             && b.dedup.is_empty()
@@ -940,28 +901,43 @@ impl<'a> Builder<'a> {
             && b.parked.is_empty()
             && b.dlq_actions_done.is_empty()
             && b.dlq_actions_new.is_empty();
-        if !empty {
-            self.outcome.ticket = Some(ctx.committer.commit(&self.batch)?);
-            // Applied: the lane's cache follows (if the flush fails, the
-            // committer refuses everything and the lane stops).
-            let mut cache = lock(self.lane.cache);
+        (!empty).then_some(b)
+    }
+
+    /// The batch's outcome once its transaction is applied under `ticket`
+    /// (`None`: it wrote nothing). The lane's cache follows the applied
+    /// records (if the flush fails, the committer refuses everything and
+    /// the lane stops).
+    pub(super) fn applied(mut self, ticket: Option<u64>) -> BatchOutcome {
+        if self.batch().is_some() {
+            self.outcome.ticket = ticket;
+            let mut cache = lock(&self.cache);
             for (_, partition_key, record) in std::mem::take(&mut self.batch.state) {
                 cache.put(partition_key, record);
             }
         }
-        self.outcome.next_cursor = next_cursor;
-        Ok(self.outcome)
+        self.outcome
+    }
+
+    /// A built batch of `batch` whose outcome is empty (worker tests).
+    #[cfg(test)]
+    pub(super) fn of(batch: CommitBatch) -> Built {
+        Built {
+            batch,
+            outcome: BatchOutcome::default(),
+            cache: StateCache::shared(16),
+        }
     }
 }
 
 impl LaneView<'_> {
-    /// Processes up to `max_batch` messages from `from` and commits them as
-    /// one transaction.
+    /// Processes up to `max_batch` messages from `from` into one
+    /// transaction (which the lane's worker commits).
     fn process_log(
         &self,
         from: u64,
         entries: Option<Vec<(u64, Envelope)>>,
-    ) -> anyhow::Result<BatchOutcome> {
+    ) -> anyhow::Result<Built> {
         let ctx = self.ctx;
         let handler = &*ctx.handler;
         let topic = &*ctx.topic;
@@ -1096,7 +1072,7 @@ impl LaneView<'_> {
     /// Carries out pending operator actions on dead letters, in sequence
     /// order, as one transaction. A parked key is unparked in the
     /// transaction that empties its backlog.
-    fn process_actions(&self, actions: &[(u64, DlqAction)]) -> anyhow::Result<BatchOutcome> {
+    fn process_actions(&self, actions: &[(u64, DlqAction)]) -> anyhow::Result<Built> {
         let ctx = self.ctx;
         let handler = &*ctx.handler;
         let partition = self.partition;
@@ -1408,31 +1384,4 @@ fn invoke_with_host_retries(
         "host could not run handler {} after repeated attempts",
         ctx.handler
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LaneWorker;
-
-    #[tokio::test]
-    async fn a_lane_worker_runs_jobs_in_order_on_its_thread_and_reports_a_panic() {
-        let worker = LaneWorker::start("ordo-lane-test".into()).expect("thread");
-        let first = worker
-            .run(|| std::thread::current().name().map(str::to_string))
-            .await;
-        assert_eq!(first, Ok(Some("ordo-lane-test".to_string())));
-        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        for i in 0..3 {
-            let order = order.clone();
-            worker
-                .run(move || order.lock().expect("lock").push(i))
-                .await
-                .expect("job");
-        }
-        assert_eq!(*order.lock().expect("lock"), vec![0, 1, 2]);
-        let panicked = worker.run(|| -> u32 { panic!("asked to panic") }).await;
-        assert_eq!(panicked, Err("asked to panic".to_string()));
-        // The thread survives a panicking job.
-        assert_eq!(worker.run(|| 7).await, Ok(7));
-    }
 }

@@ -3,8 +3,10 @@
 //! A lane reads its partition in offset order from its committed cursor,
 //! skips duplicates, runs the handler on each new message, and hands the
 //! batch's effects to the ledger as ONE transaction; it waits for the group
-//! flush before it counts the batch or reads further. Lanes run concurrently;
-//! within a lane everything is serial, which is what gives per-key order.
+//! flush before it counts the batch or reads further. Lanes run concurrently
+//! on a few worker threads (`worker`), which apply the batches that are
+//! ready together; within a lane everything is serial, which is what gives
+//! per-key order.
 //!
 //! Architecture invariant: guest code never runs inside a ledger
 //! transaction; the transaction only applies the buffered overlay.
@@ -20,9 +22,11 @@
 
 mod lane;
 mod stats;
+mod worker;
 
 pub use lane::{
     run_lane, ActiveVersion, Executor, LaneContext, NativeHandler, Runnable, EMBEDDED_SOURCE,
     HELD_KIND,
 };
 pub use stats::{BatchCounts, HandlerStats};
+pub use worker::Workers;

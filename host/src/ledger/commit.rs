@@ -74,11 +74,17 @@ impl GroupCommitter {
 
     /// Applies `batch` as one transaction and returns the ticket to await.
     pub fn commit(&self, batch: &CommitBatch) -> Result<u64, LedgerError> {
+        self.commit_all(&[batch])
+    }
+
+    /// Applies several lanes' batches as ONE transaction and returns the
+    /// ticket to await.
+    pub fn commit_all(&self, batches: &[&CommitBatch]) -> Result<u64, LedgerError> {
         self.check()?;
         let start = std::time::Instant::now();
         self.inner
             .storage
-            .commit(batch)
+            .commit(batches)
             .inspect_err(|e| self.fail_if_interrupted(e))?;
         self.inner
             .commit_seconds
@@ -155,7 +161,8 @@ impl GroupCommitter {
         self.inner.flushes.load(Ordering::Relaxed)
     }
 
-    /// Time to apply one lane transaction (before its flush).
+    /// Time to apply one transaction (a worker's lane batches; before its
+    /// flush).
     pub fn commit_seconds(&self) -> Histogram {
         self.inner.commit_seconds.clone()
     }

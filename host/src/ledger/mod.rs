@@ -123,8 +123,9 @@ pub struct CommitBatch {
 /// swapped or wrapped (e.g. with fault injection in tests). [`Ledger`] (sled)
 /// is the shipped implementation; the [`GroupCommitter`] drives it.
 pub trait Storage: Send + Sync + 'static {
-    /// Applies one lane batch atomically. Not durable until [`Storage::flush`].
-    fn commit(&self, batch: &CommitBatch) -> Result<()>;
+    /// Applies lane batches (of distinct lanes) as one atomic batch. Not
+    /// durable until [`Storage::flush`].
+    fn commit(&self, batches: &[&CommitBatch]) -> Result<()>;
     /// Appends messages to an embedded-log topic atomically and returns their
     /// offsets. Not durable until [`Storage::flush`].
     fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>>;
@@ -133,8 +134,8 @@ pub trait Storage: Send + Sync + 'static {
 }
 
 impl Storage for Ledger {
-    fn commit(&self, batch: &CommitBatch) -> Result<()> {
-        Ledger::commit(self, batch)
+    fn commit(&self, batches: &[&CommitBatch]) -> Result<()> {
+        self.commit_all(batches)
     }
 
     fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
@@ -1253,17 +1254,24 @@ impl Ledger {
 
     /// Applies a batch atomically (one journaled batch over the state,
     /// dedup_segments, cursor, dlq, log, outbox, parked and dlq_actions
-    /// spaces). Not
-    /// durable until flushed.
+    /// spaces). Not durable until flushed.
     pub fn commit(&self, batch: &CommitBatch) -> Result<()> {
+        self.commit_all(&[batch])
+    }
+
+    /// Applies several lanes' batches as ONE atomic batch (a worker's
+    /// transaction, `dispatch::worker`): all of them or none survive a
+    /// crash. The batches must be of distinct lanes. Not durable until
+    /// flushed.
+    pub fn commit_all(&self, batches: &[&CommitBatch]) -> Result<()> {
         let t = self.trees();
         let mut writes = Writes::default();
         writes.crash_point("mid-commit");
-        // A lane's own partition keys, cursor, dead letters and parked
+        // Lanes' own partition keys, cursors, dead letters and parked
         // keys, fresh sequence numbers (idempotency segments, outbox) and
         // offsets: no other batch writes them while it runs.
         writes.disjoint();
-        for (h, pk, map) in &batch.state {
+        for (h, pk, map) in batches.iter().flat_map(|b| &b.state) {
             let key = keys::state(h, pk);
             if map.is_empty() {
                 writes.remove(&t.state, &key);
@@ -1271,47 +1279,49 @@ impl Ledger {
                 writes.insert(&t.state, &key, encode_state(map));
             }
         }
-        // Each handler's records as segments (a lane's batch is one
-        // handler's): one insert per batch, not one per message.
-        let mut records = batch.dedup.as_slice();
-        while let Some((h, _, _)) = records.first() {
-            let n = records
-                .iter()
-                .take_while(|(other, _, _)| other == h)
-                .count();
-            let (run, rest) = records.split_at(n);
-            let refs: Vec<(&str, &DedupRecord)> =
-                run.iter().map(|(_, k, r)| (k.as_str(), r)).collect();
-            self.dedup_writes(&mut writes, h, &refs)?;
-            records = rest;
+        // Each lane's records as segments of their own (a lane's batch is
+        // one handler's): one insert per batch, not one per message.
+        for batch in batches {
+            let mut records = batch.dedup.as_slice();
+            while let Some((h, _, _)) = records.first() {
+                let n = records
+                    .iter()
+                    .take_while(|(other, _, _)| other == h)
+                    .count();
+                let (run, rest) = records.split_at(n);
+                let refs: Vec<(&str, &DedupRecord)> =
+                    run.iter().map(|(_, k, r)| (k.as_str(), r)).collect();
+                self.dedup_writes(&mut writes, h, &refs)?;
+                records = rest;
+            }
         }
-        for (h, s, p, n) in &batch.cursors {
+        for (h, s, p, n) in batches.iter().flat_map(|b| &b.cursors) {
             writes.insert(&t.cursor, &keys::cursor(h, s, *p), &n.to_be_bytes());
         }
-        for (h, seq, d) in &batch.dlq {
+        for (h, seq, d) in batches.iter().flat_map(|b| &b.dlq) {
             let value = d.as_ref().map(encode).transpose()?;
             writes.put(&t.dlq, &keys::dlq(h, *seq), value.as_deref());
         }
-        for (h, p, k, v) in &batch.parked {
+        for (h, p, k, v) in batches.iter().flat_map(|b| &b.parked) {
             let value = v.as_ref().map(encode).transpose()?;
             writes.put(&t.parked, &keys::parked(h, *p, k), value.as_deref());
         }
-        for (h, p, seq) in &batch.dlq_actions_done {
+        for (h, p, seq) in batches.iter().flat_map(|b| &b.dlq_actions_done) {
             writes.remove(&t.dlq_actions, &keys::dlq_action(h, *p, *seq));
         }
-        for (h, p, seq, action) in &batch.dlq_actions_new {
+        for (h, p, seq, action) in batches.iter().flat_map(|b| &b.dlq_actions_new) {
             writes.insert(
                 &t.dlq_actions,
                 &keys::dlq_action(h, *p, *seq),
                 encode(action)?,
             );
         }
-        for (seq, e) in &batch.outbox {
+        for (seq, e) in batches.iter().flat_map(|b| &b.outbox) {
             writes.insert(&t.outbox, &keys::outbox(*seq), encode(e)?);
         }
-        let appends: Vec<(&str, u32, &Envelope)> = batch
-            .log_appends
+        let appends: Vec<(&str, u32, &Envelope)> = batches
             .iter()
+            .flat_map(|b| &b.log_appends)
             .map(|(topic, p, env)| (topic.as_str(), *p, env))
             .collect();
         self.apply_appending(writes, &appends)?;

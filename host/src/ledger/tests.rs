@@ -281,8 +281,8 @@ struct FailingFlush {
 }
 
 impl Storage for FailingFlush {
-    fn commit(&self, batch: &CommitBatch) -> Result<()> {
-        self.ledger.commit(batch)
+    fn commit(&self, batches: &[&CommitBatch]) -> Result<()> {
+        self.ledger.commit_all(batches)
     }
     fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
         self.ledger.append_batch(topic, items)
@@ -345,7 +345,7 @@ async fn a_failed_flush_is_never_reported_durable_and_stops_the_committer() {
 struct HalfApplied(Ledger);
 
 impl Storage for HalfApplied {
-    fn commit(&self, _: &CommitBatch) -> Result<()> {
+    fn commit(&self, _: &[&CommitBatch]) -> Result<()> {
         Err(LedgerError::Interrupted("test".into()))
     }
     fn append(&self, topic: &str, items: &[(u32, Envelope)]) -> Result<Vec<u64>> {
