@@ -1417,6 +1417,11 @@ impl Host {
             self.metrics.batch_messages.clone(),
         );
         reg.register(
+            "commit_batches",
+            "Lane batches per ledger transaction (a worker applies the ones ready together)",
+            self.workers.batches_per_commit(),
+        );
+        reg.register(
             "commit_seconds",
             "Time to apply one ledger transaction, before its flush",
             self.committer.commit_seconds(),

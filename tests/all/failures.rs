@@ -423,6 +423,14 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
             .unwrap_or(0.0)
             >= 1.0
     );
+    let grouped = (
+        metric(&server, "ordo_commit_batches_sum").await,
+        metric(&server, "ordo_commit_batches_count").await,
+    );
+    assert!(
+        matches!(grouped, (Some(sum), Some(count)) if count >= 1.0 && sum >= count),
+        "lane batches per transaction: {grouped:?}"
+    );
     assert!(metric(&server, "ordo_ledger_bytes").await.unwrap_or(0.0) > 0.0);
     assert!(
         metric(&server, "ordo_dedup_index_bytes")

@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
 use super::lane::{BatchOutcome, Built};
 use crate::ledger::{CommitBatch, GroupCommitter};
 
@@ -54,6 +56,8 @@ pub struct Workers {
 struct Inner {
     queues: Vec<Sender<Job>>,
     next: AtomicUsize,
+    /// Lane batches per transaction.
+    grouped: Histogram,
 }
 
 /// One worker's queue, held by the lanes assigned to it.
@@ -75,22 +79,30 @@ impl Workers {
     /// Starts `count` (at least one) worker threads committing through
     /// `committer`.
     pub fn start(count: usize, committer: GroupCommitter) -> std::io::Result<Self> {
+        // 1 to 16 (MAX_GROUP) lane batches.
+        let grouped = Histogram::new(exponential_buckets(1.0, 2.0, 5));
         let mut queues = Vec::new();
         for i in 0..count.max(1) {
             let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-            let committer = committer.clone();
+            let (committer, grouped) = (committer.clone(), grouped.clone());
             std::thread::Builder::new()
                 .name(format!("ordo-worker-{i}"))
                 .stack_size(Self::STACK)
-                .spawn(move || work(&queue, &committer))?;
+                .spawn(move || work(&queue, &committer, &grouped))?;
             queues.push(jobs);
         }
         Ok(Workers {
             inner: Arc::new(Inner {
                 queues,
                 next: AtomicUsize::new(0),
+                grouped,
             }),
         })
+    }
+
+    /// Lane batches per ledger transaction (metric).
+    pub fn batches_per_commit(&self) -> Histogram {
+        self.inner.grouped.clone()
     }
 
     /// Number of worker threads.
@@ -130,7 +142,7 @@ impl Worker {
 }
 
 /// A worker thread: runs the ready jobs, commits them together, answers.
-fn work(queue: &Receiver<Job>, committer: &GroupCommitter) {
+fn work(queue: &Receiver<Job>, committer: &GroupCommitter, grouped: &Histogram) {
     while let Ok(first) = queue.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -154,7 +166,10 @@ fn work(queue: &Receiver<Job>, committer: &GroupCommitter) {
         let batches: Vec<&CommitBatch> = built.iter().filter_map(|(b, _)| b.batch()).collect();
         let ticket = match batches.is_empty() {
             true => Ok(Ok(None)),
-            false => catch(|| committer.commit_all(&batches).map(Some)),
+            false => {
+                grouped.observe(batches.len() as f64);
+                catch(|| committer.commit_all(&batches).map(Some))
+            }
         };
         match ticket {
             Ok(Ok(ticket)) => {
@@ -307,6 +322,14 @@ mod tests {
         // commit with one ticket; the failed, panicked and empty jobs are
         // answered on their own and left out.
         assert_eq!(*storage.commits.lock().expect("lock"), vec![1, 3]);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("grouped", "test", pool.batches_per_commit());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains("grouped_sum 4.0") && text.contains("grouped_count 2"),
+            "{text}"
+        );
         assert!(tickets.iter().all(|t| *t == tickets[0]), "{tickets:?}");
         assert!(tickets[0] > first.ticket.expect("a ticket"));
         let failed = failed.err().expect("the build's error").to_string();
