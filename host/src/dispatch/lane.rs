@@ -284,7 +284,6 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         }
     };
     let mut parked: HashSet<String> = parked.into_iter().map(|p| p.partition_key).collect();
-    let worker = ctx.workers.assign();
     let mut source = match &ctx.jetstream {
         Some(js) => LaneSource::JetStream(Box::new(PartitionReader::new(
             js.clone(),
@@ -360,7 +359,8 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         let job_parked = parked.clone();
         let job_retry = retry.clone();
         let job_cache = cache.clone();
-        let result = worker
+        let result = ctx
+            .workers
             .run(move || {
                 let _permit = permit;
                 let lane = LaneView {
