@@ -558,3 +558,60 @@ async fn key_replay_spans_batches_and_survives_sigkill() {
         Some("31")
     );
 }
+
+/// The workers share one queue: a handler running to its deadline holds
+/// one of them, and the other lanes' messages are processed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_spinning_to_its_deadline_holds_up_one_worker_not_the_other_lanes() {
+    let server = Server::start_with(&["--workers", "2", "--partitions", "16"]).await;
+    let client = server.client();
+    client
+        .put_bytes(
+            "/v1/handlers/counter?topic=busy&on_failure=dead-letter",
+            handler_bytes("counter"),
+        )
+        .await
+        .expect("deploy");
+    client
+        .produce("busy", &json!([msg("warm", 1, json!({}))]))
+        .await
+        .expect("produce");
+    wait_drained(&client, "counter", 1).await;
+
+    // Spins for the default 1 s deadline on one worker.
+    client
+        .produce("busy", &json!([msg("spin", 1, json!({"fail": "spin"}))]))
+        .await
+        .expect("produce");
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let spinning = ordo::source::partition_for("spin", 16);
+    let others: Vec<Value> = (0..)
+        .map(|i| format!("other-{i}"))
+        .filter(|k| ordo::source::partition_for(k, 16) != spinning)
+        .take(30)
+        .map(|k| msg(&k, 1, json!({})))
+        .collect();
+    client
+        .produce("busy", &Value::Array(others))
+        .await
+        .expect("produce");
+    let status = wait_for(&client, "counter", "the other lanes' messages", |h| {
+        h["processed"].as_u64().unwrap_or(0) >= 31
+    })
+    .await;
+    assert_eq!(
+        status["dead_lettered"], 0,
+        "the 30 messages of other partitions were processed while the spin ran: {status}"
+    );
+    let status = wait_for(&client, "counter", "the spin's dead letter", |h| {
+        h["dead_lettered"] == 1
+    })
+    .await;
+    assert_eq!(status["processed"], 31, "{status}");
+    let kinds: Vec<String> = dlq(&client, "counter", Some("spin"))
+        .await
+        .iter()
+        .map(|e| e["error_kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(kinds, vec!["deadline".to_string()]);
+}
