@@ -29,6 +29,7 @@
 pub mod backup;
 pub mod commit;
 mod dedup;
+mod durable;
 pub mod journal;
 pub mod keys;
 pub mod records;
@@ -46,6 +47,7 @@ use space::{Space, Writes};
 
 pub use commit::GroupCommitter;
 use dedup::DedupIndex;
+use durable::Durable;
 use records::{
     cut_segments, decode, decode_dedup_segment, decode_handler_version, decode_segment,
     decode_state, encode, encode_dedup_segment, encode_handler_version, encode_segment,
@@ -336,7 +338,8 @@ struct Inner {
     /// (see [`space`], [`journal`]).
     journal: Arc<Journal>,
     trees: Trees,
-    data_file: Option<File>,
+    /// Syncs what sled's flush leaves out (see [`durable`]).
+    durable: Durable,
     /// Next offset per (topic, partition); held while appending so offsets
     /// are assigned without gaps or races.
     next_offsets: Mutex<HashMap<(String, u32), u64>>,
@@ -571,7 +574,7 @@ impl Ledger {
         }
         std::fs::create_dir_all(dir)?;
         let db = open_db_cached(dir, cache_bytes)?;
-        let data_file = File::open(dir.join("db")).ok();
+        let durable_files = Durable::new(dir);
         if let Some(parent) = dir.parent() {
             if let Ok(d) = File::open(parent) {
                 let _ = d.sync_all();
@@ -580,13 +583,7 @@ impl Ledger {
         if let Ok(d) = File::open(dir) {
             d.sync_all()?;
         }
-        let durable = || -> Result<()> {
-            db.flush()?;
-            if let Some(f) = &data_file {
-                f.sync_data()?;
-            }
-            Ok(())
-        };
+        let durable = || durable_files.flush(&db);
         let journal = open_layout(&db, &durable, upgrade)?;
         let trees = Trees::new(&journal);
         let id_floor = match trees.meta.get(ID_FLOOR_KEY)? {
@@ -609,7 +606,7 @@ impl Ledger {
                 db,
                 journal,
                 trees,
-                data_file,
+                durable: durable_files,
                 next_offsets: Mutex::new(HashMap::new()),
                 id_floor: std::sync::atomic::AtomicU64::new(id_floor),
                 dedup_index,
@@ -626,15 +623,12 @@ impl Ledger {
         writes.apply(&self.inner.journal)
     }
 
-    /// Makes every write so far durable: sled flush, then fdatasync.
+    /// Makes every write so far durable: sled flush, then fdatasync of the
+    /// data file and of sled's new blob files (see [`durable`]).
     pub fn flush(&self) -> Result<()> {
         // Never make a half-applied batch durable as if it were whole.
         self.inner.journal.check()?;
-        self.inner.db.flush()?;
-        if let Some(f) = &self.inner.data_file {
-            f.sync_data()?;
-        }
-        Ok(())
+        self.inner.durable.flush(&self.inner.db)
     }
 
     /// Bytes used on disk.
