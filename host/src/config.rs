@@ -9,7 +9,7 @@
 //! topic_retention_secs = 604800
 //! ledger_cache_mib = 256         # ledger pages kept in memory
 //! workers = 2                    # threads running lane batches (default:
-//!                                # one per core)
+//!                                # one per core, at least two)
 //!
 //! [defaults.retry]               # policy of handlers that set none
 //! max_attempts = 10

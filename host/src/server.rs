@@ -39,7 +39,7 @@ pub struct ServeArgs {
     pub max_batch: Option<u64>,
     /// Threads that run lane batches (handler calls and ledger commits);
     /// each lane is served by one of them, and a thread commits the
-    /// batches it ran together [default: one per core].
+    /// batches it ran together [default: one per core, at least two].
     #[arg(long, env = "ORDO_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: Option<u32>,
     /// Retention of topics created on first use: committed messages older

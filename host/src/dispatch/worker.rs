@@ -3,11 +3,12 @@
 //! A lane is a serial, logical unit (one per handler and partition); its
 //! blocking work — running the handler on a batch of messages and applying
 //! the batch to the ledger — runs on a worker, one of a small pool (one
-//! per core by default, `ordo serve --workers`), like Kafka Streams' stream
-//! threads. Lanes queue their jobs in one queue that every worker takes
-//! from, so a job never waits behind a long one (a handler running to its
-//! deadline) while another worker is free; a lane has at most one job in
-//! flight, so its batches still run one after the other, in order.
+//! per core by default, at least two; `ordo serve --workers`), like Kafka
+//! Streams' stream threads. Lanes queue their jobs in one queue that every
+//! worker takes from, so a job never waits behind a long one (a handler
+//! running to its deadline) while another worker is free; a lane has at
+//! most one job in flight, so its batches still run one after the other,
+//! in order.
 //!
 //! A worker takes a job, runs it, and goes on taking the jobs that are
 //! ready — each lane's batch built in turn (the handler runs here), 16 at
@@ -120,9 +121,11 @@ impl Workers {
     /// default) plus the host's frames around it.
     const STACK: usize = 4 << 20;
 
-    /// The default worker count: one per core the process may use.
+    /// The default worker count: one per core the process may use, and at
+    /// least two, so that a handler running to its deadline never holds
+    /// up every lane.
     pub fn default_count() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
     }
 
     /// Starts `count` (at least one) worker threads committing through
