@@ -28,11 +28,12 @@
 //! read for every duplicate.
 //!
 //! Architecture invariant: every idempotency key written to the ledger is
-//! in the index before the write is applied ([`super::Ledger::commit`], the
-//! import), and the index answers only once its fill (a scan of the
+//! in the index before the write is applied ([`super::Ledger::commit_all`],
+//! the import), and the index answers only once its fill (a scan of the
 //! `dedup` and `dedup_segments` spaces started when the ledger opens) has
-//! finished; until then lookups wait. So "not in the index" proves "never recorded". Removing a record
-//! (the sweep, a purge) removes its index entry after the write is applied.
+//! finished; until then lookups wait. So "not in the index" proves "never
+//! recorded". Removing a record (the sweep, a purge) removes its index
+//! entry after the write is applied.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};

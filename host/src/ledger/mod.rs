@@ -2,16 +2,17 @@
 //!
 //! It holds the embedded log (`log`), every handler's state (`state`), the
 //! idempotency records (`dedup_segments`, and `dedup` of older layouts;
-//! see `dedup.rs`), the source positions (`cursor`), the
-//! outbox (`outbox`), dead letters (`dlq`), parked partition keys
-//! (`parked`), pending operator actions on dead letters (`dlq_actions`),
-//! deployed versions (`handlers`, `artifacts`), the operator audit trail
-//! (`audit`) and settings (`meta`): each a key space of ONE sled tree
-//! ([`space`]). Key encodings are in [`keys`].
+//! see `dedup.rs`), the source positions (`cursor`), the outbox
+//! (`outbox`), dead letters (`dlq`), parked partition keys (`parked`),
+//! pending operator actions on dead letters (`dlq_actions`), deployed
+//! versions (`handlers`, `artifacts`), the operator audit trail (`audit`)
+//! and settings (`meta`): each a key space of ONE sled tree ([`space`]).
+//! Key encodings are in [`keys`].
 //!
-//! A lane's batch is applied with [`Ledger::commit`] as ONE atomic batch
-//! over `state`, `dedup_segments`, `cursor`, `dlq`, `log`, `outbox`,
-//! `parked` and `dlq_actions` (all-or-nothing across crashes through the [`journal`]),
+//! Lane batches are applied with [`Ledger::commit_all`] (the batches a
+//! worker has ready, together) as ONE atomic batch over `state`,
+//! `dedup_segments`, `cursor`, `dlq`, `log`, `outbox`, `parked` and
+//! `dlq_actions` (all-or-nothing across crashes through the [`journal`]),
 //! then made durable by the [`GroupCommitter`]'s shared flush. (sled's own
 //! transactions re-read every key they write, and its transactions and
 //! atomic batches switch on a global lock that every flush then holds;
@@ -624,7 +625,7 @@ impl Ledger {
     }
 
     /// Makes every write so far durable: sled flush, then fdatasync of the
-    /// data file and of sled's new blob files (see [`durable`]).
+    /// data file and of sled's new blob files (see `ledger/durable.rs`).
     pub fn flush(&self) -> Result<()> {
         // Never make a half-applied batch durable as if it were whole.
         self.inner.journal.check()?;
