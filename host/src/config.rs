@@ -18,6 +18,8 @@
 //! [defaults.limits]              # sandbox limits of handlers that set none
 //! memory_bytes = 67108864
 //! deadline_ms = 1000
+//! messages_per_instance = 1      # >1: an instance runs several messages
+//!                                # of a lane batch (opt-in; README)
 //!
 //! [topics.orders]
 //! partitions = 8

@@ -91,6 +91,7 @@ fn bad_config_files_name_the_place() {
         ("jetstream stream name", "\n[topics.js.jetstream]\nstream = \"a.b\"\n".into(), ":2: topics.js.jetstream: stream"),
         ("jetstream unknown key", "[topics.js.jetstream]\nurll = \"x\"\n".into(), "unknown field `urll`"),
         ("zero deadline", "[defaults.limits]\ndeadline_ms = 0\n".into(), ":1: defaults.limits: deadline_ms must be at least 1"),
+        ("no messages per instance", "[defaults.limits]\nmessages_per_instance = 0\n".into(), ":1: defaults.limits: messages_per_instance must be at least 1"),
         ("zero state per key", format!("[handlers.h]\ncomponent = \"{counter}\"\ntopic = \"t\"\nlimits = {{ max_state_bytes_per_key = 0 }}\n"), ":1: handlers.h.limits: max_state_bytes_per_key must be at least 1"),
         ("jetstream and partitions", "[topics.js]\npartitions = 4\n[topics.js.jetstream]\n".into(), "topics.js: a JetStream topic takes its partitions"),
     ];
@@ -249,5 +250,80 @@ async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
     assert_eq!(
         versions["versions"][0]["limits"]["max_state_bytes_per_key"],
         40
+    );
+}
+
+/// `messages_per_instance` lets an instance run several messages of a lane
+/// batch: the counter reports instances that ran more than one message,
+/// every key's state is what one instance per message would have left, a
+/// failed message is dead-lettered as before, and the setting is part of
+/// the version, read back after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_per_instance_reuses_instances_within_a_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ordo.toml");
+    let text = format!(
+        "[handlers.counter]\ncomponent = \"{}\"\ntopic = \"orders\"\n\
+         retry = {{ on_failure = \"dead-letter\" }}\n\
+         limits = {{ messages_per_instance = 64 }}\n",
+        handler_path("counter").display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    let path_arg = path.to_str().expect("path").to_string();
+    let mut server = Server::start_with(&["--config", &path_arg]).await;
+    let client = server.client();
+    let keys = 8;
+    let per_key = 40u64;
+    let mut batch = Vec::new();
+    for seq in 1..=per_key {
+        for k in 0..keys {
+            let fail = k == 0 && seq == 20;
+            let payload = if fail {
+                json!({"seq": seq, "fail": "permanent"})
+            } else {
+                json!({"seq": seq, "report_instance": true})
+            };
+            batch.push(
+                json!({"key": format!("k{k}"), "idempotency_key": format!("k{k}/{seq}"),
+                              "payload": payload.to_string()}),
+            );
+        }
+    }
+    client
+        .produce("orders", &json!(batch))
+        .await
+        .expect("produce");
+    let total = keys * per_key;
+    crate::server::wait_for(
+        &client,
+        "counter",
+        "all processed, one dead-lettered",
+        |h| h["processed"] == total - 1 && h["dead_lettered"] == 1 && h["lag"] == 0,
+    )
+    .await;
+    let mut most = 0u64;
+    for k in 0..keys {
+        let key = format!("k{k}");
+        let seqs: Vec<String> = (1..=per_key)
+            .filter(|&seq| !(k == 0 && seq == 20))
+            .map(|seq| seq.to_string())
+            .collect();
+        assert_eq!(
+            state(&client, "counter", &key, "seqs").await,
+            Some(seqs.join(",")),
+            "{key}"
+        );
+        let ran = state(&client, "counter", &key, "instance_messages")
+            .await
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("instance_messages reported");
+        assert!((1..=64).contains(&ran), "{key}: {ran}");
+        most = most.max(ran);
+    }
+    assert!(most > 1, "no instance ran more than one message");
+    let versions = restarted_with_one_version(&mut server).await;
+    assert_eq!(
+        versions["versions"][0]["limits"]["messages_per_instance"],
+        64
     );
 }

@@ -494,3 +494,142 @@ fn compiled_artifacts_are_cached_on_disk() {
     assert_counter_works(&third);
     assert!(std::fs::read(&files[0]).expect("artifact").len() > 1000);
 }
+
+/// Runs `payloads` one after another in one session of the counter under
+/// `limits`, each against the state the ones before it committed; returns
+/// each message's outcome kind and the `instance_messages` it reported.
+fn in_one_session(
+    limits: HandlerLimits,
+    payloads: &[&str],
+) -> Vec<(Option<FailureKind>, Option<u64>)> {
+    let module = runtime()
+        .load(&handler_bytes("counter"), limits)
+        .expect("counter loads");
+    let mut session = module.session();
+    let mut state = MemoryState::default();
+    let mut seen = Vec::new();
+    for (i, payload) in payloads.iter().enumerate() {
+        let msg = message("k", i as u64, payload);
+        let (inv, back) = session.invoke_in(&msg, Box::new(state.clone()), None);
+        // The state handed in is handed back, whether the instance is kept.
+        assert!(back.into_any().downcast::<MemoryState>().is_ok());
+        if inv.outcome.is_ok() {
+            state.apply(&inv.overlay);
+        }
+        seen.push((
+            inv.outcome.err().map(|f| f.kind),
+            text(&inv.overlay, "instance_messages").map(|n| n.parse().expect("a number")),
+        ));
+    }
+    seen
+}
+
+fn ok(n: u64) -> (Option<FailureKind>, Option<u64>) {
+    (None, Some(n))
+}
+
+/// By default every message of a session gets a fresh instance; with
+/// `messages_per_instance = 3` an instance runs three, then a fresh one
+/// takes over.
+#[test]
+fn a_session_reuses_an_instance_only_as_far_as_its_limit() {
+    let report = r#"{"seq": 1, "report_instance": true}"#;
+    assert_eq!(
+        in_one_session(HandlerLimits::default(), &[report; 4]),
+        vec![ok(1); 4]
+    );
+    let reuse = HandlerLimits {
+        messages_per_instance: 3,
+        ..HandlerLimits::default()
+    };
+    assert_eq!(
+        in_one_session(reuse, &[report; 7]),
+        [1, 2, 3, 1, 2, 3, 1].map(ok).to_vec()
+    );
+}
+
+/// A message that fails in any way (an error returned, a trap, the
+/// deadline) leaves its instance behind: the next message starts fresh.
+#[test]
+fn a_kept_instance_is_dropped_after_a_failed_message() {
+    let limits = HandlerLimits {
+        messages_per_instance: 100,
+        deadline_ms: 100,
+        ..HandlerLimits::default()
+    };
+    let report = r#"{"seq": 1, "report_instance": true}"#;
+    let seen = in_one_session(
+        limits,
+        &[
+            report,
+            report,
+            r#"{"seq": 2, "fail": "retryable"}"#,
+            report,
+            r#"{"seq": 3, "fail": "trap"}"#,
+            report,
+            report,
+            r#"{"seq": 4, "fail": "spin"}"#,
+            report,
+            r#"{"seq": 5, "fail": "permanent"}"#,
+            report,
+        ],
+    );
+    assert_eq!(
+        seen,
+        vec![
+            ok(1),
+            ok(2),
+            (Some(FailureKind::Retryable), None),
+            ok(1),
+            (Some(FailureKind::Trap), None),
+            ok(1),
+            ok(2),
+            (Some(FailureKind::Deadline), None),
+            ok(1),
+            (Some(FailureKind::Permanent), None),
+            ok(1),
+        ]
+    );
+}
+
+/// What the host counts per message starts afresh in a kept instance: a
+/// quota of one emit per message lets every message emit once, and each
+/// overlay holds that message's effects only.
+#[test]
+fn per_message_quotas_and_effects_start_afresh_in_a_kept_instance() {
+    let module = runtime()
+        .load(
+            &handler_bytes("counter"),
+            HandlerLimits {
+                messages_per_instance: 10,
+                max_emits: 1,
+                ..HandlerLimits::default()
+            },
+        )
+        .expect("counter loads");
+    let mut session = module.session();
+    let mut state = MemoryState::default();
+    for seq in 1..=5u64 {
+        let msg = message(
+            "k",
+            seq,
+            &format!(
+                r#"{{"seq": {seq}, "report_instance": true, "emit": {{"topic": "out", "key": "k{seq}"}}}}"#
+            ),
+        );
+        let (inv, _) = session.invoke_in(&msg, Box::new(state.clone()), None);
+        assert_eq!(inv.outcome, Ok(()), "message {seq}");
+        assert_eq!(inv.overlay.emits.len(), 1, "message {seq}");
+        assert_eq!(inv.overlay.emits[0].partition_key, format!("k{seq}"));
+        assert_eq!(
+            text(&inv.overlay, "instance_messages"),
+            Some(seq.to_string())
+        );
+        state.apply(&inv.overlay);
+    }
+    let seqs = state
+        .0
+        .get("seqs")
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(seqs.as_deref(), Some("1,2,3,4,5"));
+}

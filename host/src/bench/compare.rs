@@ -3,10 +3,13 @@
 //! 1. ordo effectively-once (WASM handler, embedded log, 16 partitions),
 //! 2. ordo at-least-once (dedup ledger off),
 //! 3. ordo effectively-once with a native (in-host Rust) handler,
-//! 4. the hand-written baseline: one PostgreSQL transaction per message
+//! 4. ordo effectively-once, WASM, with an instance running up to 64
+//!    messages of a lane batch (`messages_per_instance`, opt-in; what the
+//!    sandbox costs without a fresh instance per message),
+//! 5. the hand-written baseline: one PostgreSQL transaction per message
 //!    (insert into `processed_messages` with a conflict check, `SELECT …
 //!    FOR UPDATE` of the state row, update, commit), 16 workers,
-//! 5. the disk's limit: `fdatasync` calls per second.
+//! 6. the disk's limit: `fdatasync` calls per second.
 //!
 //! Every run gets the same messages: per-key sequences over `keys` keys
 //! with 10 % duplicate deliveries.
@@ -20,8 +23,8 @@ use clap::Args;
 
 use crate::api::ingest::IncomingMessage;
 use crate::dispatch::NativeHandler;
-use crate::host::{Host, HostConfig};
-use crate::runtime::{Failure, FailureKind, Message, Overlay, StateAccess};
+use crate::host::{DeployOptions, Host, HostConfig};
+use crate::runtime::{Failure, FailureKind, HandlerLimits, Message, Overlay, StateAccess};
 
 /// Options of `ordo bench compare`.
 #[derive(Debug, Args)]
@@ -207,9 +210,13 @@ impl NativeHandler for NativeCounter {
 }
 
 enum Mode {
-    Wasm(Vec<u8>),
+    /// The counter component, with this many messages per instance.
+    Wasm(Vec<u8>, u32),
     Native,
 }
+
+/// Messages per instance of the opt-in row (a lane batch holds up to 256).
+const REUSE: u32 = 64;
 
 async fn run_ordo(
     name: &str,
@@ -235,9 +242,15 @@ async fn run_ordo(
     let (flushes0, commits0) = (host.committer().flushes(), host.committer().commits());
     let mut meter = Meter::start();
     match mode {
-        Mode::Wasm(bytes) => {
-            host.deploy("counter", "bench", bytes, Default::default())
-                .await?;
+        Mode::Wasm(bytes, messages_per_instance) => {
+            let options = DeployOptions {
+                limits: Some(HandlerLimits {
+                    messages_per_instance,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            host.deploy("counter", "bench", bytes, options).await?;
         }
         Mode::Native => host.run_native("counter", "bench", Arc::new(NativeCounter))?,
     }
@@ -432,7 +445,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     results.push(
         run_ordo(
             "ordo effectively-once, WASM",
-            Mode::Wasm(wasm.clone()),
+            Mode::Wasm(wasm.clone(), 1),
             true,
             &messages,
             &bar,
@@ -442,7 +455,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     results.push(
         run_ordo(
             "ordo at-least-once (no dedup), WASM",
-            Mode::Wasm(wasm),
+            Mode::Wasm(wasm.clone(), 1),
             false,
             &messages,
             &bar,
@@ -453,6 +466,16 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         run_ordo(
             "ordo effectively-once, native handler",
             Mode::Native,
+            true,
+            &messages,
+            &bar,
+        )
+        .await?,
+    );
+    results.push(
+        run_ordo(
+            &format!("ordo effectively-once, WASM, {REUSE} messages per instance (opt-in)"),
+            Mode::Wasm(wasm, REUSE),
             true,
             &messages,
             &bar,
@@ -500,10 +523,14 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         "\n| ratio | value |\n|---|---:|\n\
          | effectively-once / at-least-once | {:.2} |\n\
          | WASM / native handler | {:.2} |\n\
-         | ordo effectively-once / PostgreSQL pattern | {:.1}× |\n",
+         | WASM, {REUSE} messages per instance / native handler | {:.2} |\n\
+         | ordo effectively-once / PostgreSQL pattern | {:.1}× |\n\
+         | ordo effectively-once, {REUSE} messages per instance / PostgreSQL pattern | {:.1}× |\n",
         ratio(0, 1),
         ratio(0, 2),
-        ratio(0, 3),
+        ratio(3, 2),
+        ratio(0, 4),
+        ratio(3, 4),
     ));
     println!("{table}");
     let body = format!(

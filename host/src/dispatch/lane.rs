@@ -31,7 +31,8 @@ use crate::ledger::{
     GroupCommitter, Ledger, OnFailure, OutboxEntry, ParkedKey, StateMap,
 };
 use crate::runtime::{
-    Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, SpanFactory, StateAccess,
+    Failure, FailureKind, HandlerModule, Invocation, Message, Overlay, Session, SpanFactory,
+    StateAccess,
 };
 use crate::source::jetstream::{outbox_msg_id, JetStreams, JsTopic, PartitionReader};
 use crate::source::topics::{Tail, Topics};
@@ -59,14 +60,21 @@ pub enum Executor {
 }
 
 impl Executor {
-    fn invoke(
-        &self,
+    /// Runs `msg`; a sandboxed handler runs it in `session`'s instance
+    /// (see [`Session`]), started for this executor if there is none.
+    fn invoke<'a>(
+        &'a self,
+        session: &mut Option<Session<'a>>,
         msg: &Message,
         mut state: Box<dyn StateAccess>,
         log_span: &SpanFactory,
     ) -> (Invocation, Box<dyn StateAccess>) {
         match self {
-            Executor::Wasm(module) => module.invoke_in(msg, state, Some(log_span.clone())),
+            Executor::Wasm(module) => session.get_or_insert_with(|| module.session()).invoke_in(
+                msg,
+                state,
+                Some(log_span.clone()),
+            ),
             Executor::Native(handler) => {
                 let start = std::time::Instant::now();
                 let mut overlay = Overlay::default();
@@ -636,6 +644,11 @@ struct Builder<'a> {
     batch: CommitBatch,
     outcome: BatchOutcome,
     pending: HashMap<String, PendingWrites>,
+    /// The session the batch's messages run in (see [`Session`]), and
+    /// the version it is of: a canary's messages and the stable version's
+    /// do not share one.
+    session: Option<Session<'a>>,
+    session_version: u64,
 }
 
 /// How a failed attempt ends.
@@ -653,6 +666,8 @@ impl<'a> Builder<'a> {
             batch: CommitBatch::default(),
             outcome: BatchOutcome::default(),
             pending: HashMap::new(),
+            session: None,
+            session_version: 0,
         }
     }
 
@@ -686,15 +701,8 @@ impl<'a> Builder<'a> {
             })
         };
         let start = std::time::Instant::now();
-        let (invocation, mut key_pending) = invoke_with_host_retries(
-            ctx,
-            &runnable.module,
-            self.lane.cache,
-            msg,
-            &log_span,
-            &mut self.pending,
-            &mut self.outcome.counts,
-        )?;
+        let (invocation, mut key_pending) =
+            self.invoke_with_host_retries(runnable, msg, &log_span)?;
         ctx.metrics
             .handler_seconds
             .get_or_create(&ctx.label)
@@ -772,6 +780,57 @@ impl<'a> Builder<'a> {
         };
         self.pending.insert(msg.partition_key.clone(), key_pending);
         Ok(result)
+    }
+
+    /// Invokes the handler, retrying in place while the failure is the
+    /// host's (e.g. instance pool exhausted), never the message's. Returns
+    /// the invocation and the key's pending writes (taken out of
+    /// `pending`).
+    fn invoke_with_host_retries(
+        &mut self,
+        runnable: &'a Runnable,
+        msg: &Message,
+        log_span: &SpanFactory,
+    ) -> anyhow::Result<(Invocation, PendingWrites)> {
+        let ctx = self.lane.ctx;
+        if self.session_version != runnable.version {
+            self.session = None;
+            self.session_version = runnable.version;
+        }
+        let mut key_pending = self.pending.remove(&msg.partition_key).unwrap_or_default();
+        let mut delay = Duration::from_millis(10);
+        for _ in 0..20 {
+            let view = BatchState {
+                ledger: ctx.ledger.clone(),
+                handler: ctx.handler.clone(),
+                partition_key: msg.partition_key.clone(),
+                pending: key_pending,
+                cache: self.lane.cache.clone(),
+            };
+            let (invocation, state) =
+                runnable
+                    .module
+                    .invoke(&mut self.session, msg, Box::new(view), log_span);
+            key_pending = state
+                .into_any()
+                .downcast::<BatchState>()
+                .map(|s| s.pending)
+                .map_err(|_| anyhow::anyhow!("state view of another type returned"))?;
+            match &invocation.outcome {
+                Err(f) if f.kind == FailureKind::Host => {
+                    self.outcome.counts.host_retries += 1;
+                    tracing::warn!(handler = %ctx.handler, key = %msg.partition_key, offset = msg.offset, error = %f.message, "host could not run handler; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                _ => return Ok((invocation, key_pending)),
+            }
+        }
+        self.pending.insert(msg.partition_key.clone(), key_pending);
+        anyhow::bail!(
+            "host could not run handler {} after repeated attempts",
+            ctx.handler
+        )
     }
 
     /// Decides what a failed attempt leads to under the version's policy.
@@ -1339,49 +1398,4 @@ impl ActionRun<'_> {
             },
         }
     }
-}
-
-/// Invokes the handler, retrying in place while the failure is the host's
-/// (e.g. instance pool exhausted), never the message's. Returns the
-/// invocation and the key's pending writes (taken out of `pending`).
-fn invoke_with_host_retries(
-    ctx: &LaneContext,
-    module: &Executor,
-    cache: &SharedCache,
-    msg: &Message,
-    log_span: &SpanFactory,
-    pending: &mut HashMap<String, PendingWrites>,
-    counts: &mut BatchCounts,
-) -> anyhow::Result<(crate::runtime::Invocation, PendingWrites)> {
-    let mut key_pending = pending.remove(&msg.partition_key).unwrap_or_default();
-    let mut delay = Duration::from_millis(10);
-    for _ in 0..20 {
-        let view = BatchState {
-            ledger: ctx.ledger.clone(),
-            handler: ctx.handler.clone(),
-            partition_key: msg.partition_key.clone(),
-            pending: key_pending,
-            cache: cache.clone(),
-        };
-        let (invocation, state) = module.invoke(msg, Box::new(view), log_span);
-        key_pending = state
-            .into_any()
-            .downcast::<BatchState>()
-            .map(|s| s.pending)
-            .map_err(|_| anyhow::anyhow!("state view of another type returned"))?;
-        match &invocation.outcome {
-            Err(f) if f.kind == FailureKind::Host => {
-                counts.host_retries += 1;
-                tracing::warn!(handler = %ctx.handler, key = %msg.partition_key, offset = msg.offset, error = %f.message, "host could not run handler; retrying");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-            _ => return Ok((invocation, key_pending)),
-        }
-    }
-    pending.insert(msg.partition_key.clone(), key_pending);
-    anyhow::bail!(
-        "host could not run handler {} after repeated attempts",
-        ctx.handler
-    )
 }

@@ -376,24 +376,32 @@ pub struct HandlerVersion {
 /// `max_state_bytes_per_key` (format 1 had no such field).
 const HANDLER_VERSION_V2: u8 = 2;
 
-/// Encodes a [`HandlerVersion`] (format 2).
+/// Record format of a [`HandlerVersion`] whose limits also include
+/// `messages_per_instance`.
+const HANDLER_VERSION_V3: u8 = 3;
+
+/// Encodes a [`HandlerVersion`] (format 3).
 pub fn encode_handler_version(v: &HandlerVersion) -> Result<Vec<u8>, LedgerError> {
-    encode_as(HANDLER_VERSION_V2, v)
+    encode_as(HANDLER_VERSION_V3, v)
 }
 
-/// Decodes a [`HandlerVersion`] of format 2, or of format 1 (its limits
-/// get the default `max_state_bytes_per_key`).
+/// Decodes a [`HandlerVersion`] of format 3, 2 or 1; the limits an older
+/// format lacks get their defaults.
 pub fn decode_handler_version(bytes: &[u8]) -> Result<HandlerVersion, LedgerError> {
     let what = "handler version";
     match bytes.split_first() {
-        Some((&HANDLER_VERSION_V2, body)) => decode_body(body, what),
-        _ => decode::<HandlerVersionV1>(bytes, what).map(HandlerVersion::from),
+        Some((&HANDLER_VERSION_V3, body)) => decode_body(body, what),
+        Some((&HANDLER_VERSION_V2, body)) => {
+            decode_body::<OldHandlerVersion<LimitsV2>>(body, what).map(HandlerVersion::from)
+        }
+        _ => decode::<OldHandlerVersion<LimitsV1>>(bytes, what).map(HandlerVersion::from),
     }
 }
 
-/// A [`HandlerVersion`] as format 1 stored it.
+/// A [`HandlerVersion`] as an older format stored it: the same fields,
+/// with fewer limits `L`.
 #[derive(Deserialize)]
-struct HandlerVersionV1 {
+struct OldHandlerVersion<L> {
     name: String,
     version: u64,
     content_hash: String,
@@ -403,12 +411,12 @@ struct HandlerVersionV1 {
     size: u64,
     from_latest: bool,
     policy: FailurePolicy,
-    limits: HandlerLimitsV1,
+    limits: L,
 }
 
 /// [`crate::runtime::HandlerLimits`] as format 1 stored them.
 #[derive(Deserialize)]
-struct HandlerLimitsV1 {
+struct LimitsV1 {
     deadline_ms: u64,
     memory_bytes: usize,
     table_elements: usize,
@@ -421,9 +429,43 @@ struct HandlerLimitsV1 {
     max_stdio_bytes: usize,
 }
 
-impl From<HandlerVersionV1> for HandlerVersion {
-    fn from(v: HandlerVersionV1) -> Self {
-        let l = v.limits;
+/// [`crate::runtime::HandlerLimits`] as format 2 stored them: format 1's
+/// and one more (postcard writes a nested struct's fields in line).
+#[derive(Deserialize)]
+struct LimitsV2 {
+    v1: LimitsV1,
+    max_state_bytes_per_key: usize,
+}
+
+impl From<LimitsV1> for crate::runtime::HandlerLimits {
+    fn from(l: LimitsV1) -> Self {
+        crate::runtime::HandlerLimits {
+            deadline_ms: l.deadline_ms,
+            memory_bytes: l.memory_bytes,
+            table_elements: l.table_elements,
+            instances: l.instances,
+            max_state_value_bytes: l.max_state_value_bytes,
+            max_state_writes: l.max_state_writes,
+            max_emits: l.max_emits,
+            max_emit_bytes: l.max_emit_bytes,
+            max_log_lines: l.max_log_lines,
+            max_stdio_bytes: l.max_stdio_bytes,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<LimitsV2> for crate::runtime::HandlerLimits {
+    fn from(l: LimitsV2) -> Self {
+        crate::runtime::HandlerLimits {
+            max_state_bytes_per_key: l.max_state_bytes_per_key,
+            ..l.v1.into()
+        }
+    }
+}
+
+impl<L: Into<crate::runtime::HandlerLimits>> From<OldHandlerVersion<L>> for HandlerVersion {
+    fn from(v: OldHandlerVersion<L>) -> Self {
         HandlerVersion {
             name: v.name,
             version: v.version,
@@ -434,19 +476,7 @@ impl From<HandlerVersionV1> for HandlerVersion {
             size: v.size,
             from_latest: v.from_latest,
             policy: v.policy,
-            limits: crate::runtime::HandlerLimits {
-                deadline_ms: l.deadline_ms,
-                memory_bytes: l.memory_bytes,
-                table_elements: l.table_elements,
-                instances: l.instances,
-                max_state_value_bytes: l.max_state_value_bytes,
-                max_state_writes: l.max_state_writes,
-                max_emits: l.max_emits,
-                max_emit_bytes: l.max_emit_bytes,
-                max_log_lines: l.max_log_lines,
-                max_stdio_bytes: l.max_stdio_bytes,
-                ..Default::default()
-            },
+            limits: v.limits.into(),
         }
     }
 }
@@ -770,7 +800,7 @@ mod tests {
     }
 
     #[test]
-    fn handler_versions_of_format_1_read_with_the_default_state_limit() {
+    fn handler_versions_of_older_formats_read_with_the_default_new_limits() {
         use crate::runtime::HandlerLimits;
         let mut v = HandlerVersion {
             name: "h".into(),
@@ -788,9 +818,9 @@ mod tests {
                 ..HandlerLimits::default()
             },
         };
-        // Format 1: the same fields, the limits without the last one.
+        // Formats 1 and 2: the same fields, with fewer limits.
         #[derive(Serialize)]
-        struct V1<'a> {
+        struct Old<'a, L> {
             name: &'a str,
             version: u64,
             content_hash: &'a str,
@@ -800,20 +830,25 @@ mod tests {
             size: u64,
             from_latest: bool,
             policy: &'a FailurePolicy,
-            limits: [usize; 10],
+            limits: L,
         }
-        let l = &v.limits;
-        let old = encode(&V1 {
-            name: &v.name,
-            version: v.version,
-            content_hash: &v.content_hash,
-            topic: &v.topic,
-            deployed_at_ms: v.deployed_at_ms,
-            comment: &v.comment,
-            size: v.size,
-            from_latest: v.from_latest,
-            policy: &v.policy,
-            limits: [
+        fn record<L>(v: &HandlerVersion, limits: L) -> Old<'_, L> {
+            Old {
+                name: &v.name,
+                version: v.version,
+                content_hash: &v.content_hash,
+                topic: &v.topic,
+                deployed_at_ms: v.deployed_at_ms,
+                comment: &v.comment,
+                size: v.size,
+                from_latest: v.from_latest,
+                policy: &v.policy,
+                limits,
+            }
+        }
+        let old = |v: &HandlerVersion| {
+            let l = &v.limits;
+            let v1 = [
                 l.deadline_ms as usize,
                 l.memory_bytes,
                 l.table_elements,
@@ -824,13 +859,20 @@ mod tests {
                 l.max_emit_bytes,
                 l.max_log_lines,
                 l.max_stdio_bytes,
-            ],
-        })
-        .unwrap();
-        assert_eq!(decode_handler_version(&old).unwrap(), v);
+            ];
+            let format_1 = encode(&record(v, v1)).unwrap();
+            let v2 = (v1, l.max_state_bytes_per_key);
+            let format_2 = encode_as(HANDLER_VERSION_V2, &record(v, v2)).unwrap();
+            (format_1, format_2)
+        };
+        let (format_1, _) = old(&v);
+        assert_eq!(decode_handler_version(&format_1).unwrap(), v);
         v.limits.max_state_bytes_per_key = 1234;
+        let (_, format_2) = old(&v);
+        assert_eq!(decode_handler_version(&format_2).unwrap(), v);
+        v.limits.messages_per_instance = 32;
         let new = encode_handler_version(&v).unwrap();
-        assert_eq!(new[0], HANDLER_VERSION_V2);
+        assert_eq!(new[0], HANDLER_VERSION_V3);
         assert_eq!(decode_handler_version(&new).unwrap(), v);
         assert!(decode_handler_version(&new[..new.len() - 1]).is_err());
         assert!(decode_handler_version(&[9, 0])

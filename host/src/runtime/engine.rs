@@ -169,6 +169,7 @@ impl Runtime {
             )));
         }
         Ok(HandlerModule::new(
+            self.clone(),
             pre,
             content_hash,
             bytes.len(),

@@ -10,7 +10,7 @@ use wasmtime::{Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::ordo::handler::{log, outbox, state, types};
-use super::bindings::HandlerPre;
+use super::bindings::{Handler, HandlerPre};
 use super::stdio::{Budget, LogSink, Stream};
 use super::{Failure, FailureKind, HandlerError, HandlerLimits, Level, Message};
 
@@ -231,6 +231,28 @@ impl WasiView for HostState {
 }
 
 impl HostState {
+    /// Readies a kept instance's state for its next message: everything
+    /// the host counts or buffers per message starts afresh.
+    fn begin(
+        &mut self,
+        state: Box<dyn StateAccess>,
+        budget: &Arc<Budget>,
+        log_span: Option<SpanFactory>,
+    ) {
+        self.state = state;
+        self.overlay = Overlay::default();
+        self.emit_bytes = 0;
+        self.write_count = 0;
+        self.quota = None;
+        self.host_error = None;
+        self.limiter.hit = None;
+        self.stdio_budget = budget.clone();
+        self.log_span = LogSpan {
+            factory: log_span,
+            span: None,
+        };
+    }
+
     fn over_quota(&mut self, what: String) -> wasmtime::Error {
         let err = wasmtime::format_err!("{what}");
         self.quota = Some(what);
@@ -357,6 +379,9 @@ impl log::Host for HostState {
 #[derive(Clone)]
 pub struct HandlerModule {
     pre: HandlerPre<HostState>,
+    /// Keeps the runtime, and with it the epoch ticker that enforces
+    /// deadlines, alive as long as a module of it can run.
+    _runtime: super::Runtime,
     content_hash: Arc<str>,
     size: usize,
     limits: Arc<HandlerLimits>,
@@ -374,6 +399,7 @@ impl std::fmt::Debug for HandlerModule {
 
 impl HandlerModule {
     pub(crate) fn new(
+        runtime: super::Runtime,
         pre: HandlerPre<HostState>,
         content_hash: String,
         size: usize,
@@ -384,6 +410,7 @@ impl HandlerModule {
         let deadline_ticks = limits.deadline().as_nanos().div_ceil(tick_ns).max(1) as u64;
         HandlerModule {
             pre,
+            _runtime: runtime,
             content_hash: content_hash.into(),
             size,
             limits: Arc::new(limits),
@@ -441,6 +468,16 @@ impl HandlerModule {
         store
     }
 
+    /// A [`Session`] of this version: runs messages one after another,
+    /// reusing an instance as [`HandlerLimits::messages_per_instance`]
+    /// allows.
+    pub fn session(&self) -> Session<'_> {
+        Session {
+            module: self,
+            live: None,
+        }
+    }
+
     /// Benchmark helper: instantiates once and times `n` calls of `handle`
     /// on the same instance (no isolation between calls: never use this for
     /// real messages).
@@ -484,15 +521,89 @@ impl HandlerModule {
         state: Box<dyn StateAccess>,
         log_span: Option<SpanFactory>,
     ) -> (Invocation, Box<dyn StateAccess>) {
+        self.session().invoke_in(msg, state, log_span)
+    }
+}
+
+/// Runs one version's messages one after another (the messages of one lane
+/// batch), each in a fresh instance unless the version's
+/// [`HandlerLimits::messages_per_instance`] lets an instance run several.
+///
+/// An instance runs the next message only if the message before it
+/// succeeded and the guest made no WASI call (whose resources and output
+/// sinks belong to one message); its linear memory, globals and tables
+/// carry over, while everything the host keeps per message (overlay,
+/// quotas, deadline, output budget, log span) starts afresh. Dropping the
+/// session drops its instance.
+pub struct Session<'m> {
+    module: &'m HandlerModule,
+    live: Option<Live>,
+}
+
+/// An instance kept for the session's next message.
+struct Live {
+    store: Store<HostState>,
+    handler: Handler,
+    /// Messages it has run.
+    messages: u32,
+}
+
+/// Stands in for the state access of an instance between two messages.
+struct NoState;
+
+impl StateAccess for NoState {
+    fn get(&mut self, _key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("module", &self.module)
+            .field("live_messages", &self.live.as_ref().map(|l| l.messages))
+            .finish()
+    }
+}
+
+impl Session<'_> {
+    /// Runs `handle(msg)` as [`HandlerModule::invoke_in`] does, in the
+    /// session's instance if it may run another message, else in a fresh
+    /// one.
+    pub fn invoke_in(
+        &mut self,
+        msg: &Message,
+        state: Box<dyn StateAccess>,
+        log_span: Option<SpanFactory>,
+    ) -> (Invocation, Box<dyn StateAccess>) {
         let start = Instant::now();
-        let limits = &self.limits;
+        let module = self.module;
+        let limits = &module.limits;
         let budget = Budget::new(limits.max_stdio_bytes);
-        let mut store = self.new_store(state, &budget, log_span);
-        let (instantiated, result) = match self.pre.instantiate(&mut store) {
-            Ok(handler) => (true, handler.call_handle(&mut store, msg)),
-            Err(e) => (false, Err(e)),
+        let (mut store, instance) = match self.live.take() {
+            Some(mut live) => {
+                live.store.data_mut().begin(state, &budget, log_span);
+                live.store.set_epoch_deadline(module.deadline_ticks);
+                (live.store, Ok((live.handler, live.messages)))
+            }
+            None => {
+                let mut store = module.new_store(state, &budget, log_span);
+                let handler = module.pre.instantiate(&mut store);
+                (store, handler.map(|h| (h, 0)))
+            }
         };
-        let mut host = store.into_data();
+        let (handler, messages, result) = match instance {
+            Ok((handler, messages)) => {
+                let result = handler.call_handle(&mut store, msg);
+                (Some(handler), messages, result)
+            }
+            Err(e) => (None, 0, Err(e)),
+        };
+        let host = store.data_mut();
         let outcome = match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(HandlerError::Retryable(text))) => {
@@ -501,19 +612,35 @@ impl HandlerModule {
             Ok(Err(HandlerError::Permanent(text))) => {
                 Err(Failure::new(FailureKind::Permanent, text))
             }
-            Err(err) => Err(classify_error(&mut host, instantiated, err, limits)),
+            Err(err) => Err(classify_error(host, handler.is_some(), err, limits)),
         };
-        host.overlay.dropped_stdio_bytes = budget.dropped();
+        let mut overlay = std::mem::take(&mut host.overlay);
+        let state = std::mem::replace(&mut host.state, Box::new(NoState));
+        overlay.dropped_stdio_bytes = budget.dropped();
         if outcome.is_err() {
-            host.overlay.writes.clear();
-            host.overlay.emits.clear();
+            overlay.writes.clear();
+            overlay.emits.clear();
+        }
+        let messages = messages + 1;
+        let keep = outcome.is_ok()
+            && host.wasi.is_none()
+            && messages < limits.messages_per_instance.max(1);
+        match handler {
+            Some(handler) if keep => {
+                self.live = Some(Live {
+                    store,
+                    handler,
+                    messages,
+                })
+            }
+            _ => drop(store),
         }
         let invocation = Invocation {
             outcome,
-            overlay: host.overlay,
+            overlay,
             elapsed: start.elapsed(),
         };
-        (invocation, host.state)
+        (invocation, state)
     }
 }
 

@@ -34,6 +34,16 @@ pub struct HandlerLimits {
     /// the key's state is one ledger record, rewritten whole by every
     /// batch that changes it, so an unbounded record is a cliff.
     pub max_state_bytes_per_key: usize,
+    /// Messages one instance may run, one after another, within one lane
+    /// batch. 1 (the default) gives every message a fresh instance. More
+    /// saves instantiating and tearing down an instance per message (most
+    /// of what the sandbox costs, BENCHMARKS.md) at a price: what a message
+    /// leaves in the guest's memory and globals (a cache, a counter, a
+    /// leaked allocation) is there for the next, so a handler may opt in
+    /// only if its result depends on nothing but its message and state.
+    /// An instance is never kept after a message that failed or made a
+    /// WASI call.
+    pub messages_per_instance: u32,
 }
 
 impl Default for HandlerLimits {
@@ -51,6 +61,7 @@ impl Default for HandlerLimits {
             max_log_lines: 100,
             max_stdio_bytes: 16 << 10,
             max_state_bytes_per_key: 4 << 20,
+            messages_per_instance: 1,
         }
     }
 }
@@ -72,6 +83,7 @@ impl HandlerLimits {
             ("memory_bytes", self.memory_bytes == 0),
             ("instances", self.instances == 0),
             ("max_state_bytes_per_key", self.max_state_bytes_per_key == 0),
+            ("messages_per_instance", self.messages_per_instance == 0),
         ];
         match must_be_positive.iter().find(|(_, zero)| *zero) {
             Some(("max_state_bytes_per_key", _)) => Err(
@@ -111,6 +123,10 @@ mod tests {
             (
                 with(|l| l.max_state_bytes_per_key = 0),
                 "max_state_bytes_per_key",
+            ),
+            (
+                with(|l| l.messages_per_instance = 0),
+                "messages_per_instance",
             ),
         ] {
             let e = limits.check().expect_err(name);

@@ -44,7 +44,8 @@ pub use bindings::ordo::handler::types::{HandlerError, Message};
 pub use engine::{Runtime, RuntimeConfig};
 pub use error::{Failure, FailureKind, LoadError};
 pub use host::{
-    Emit, HandlerModule, Invocation, LogLine, MemoryState, Overlay, SpanFactory, StateAccess,
+    Emit, HandlerModule, Invocation, LogLine, MemoryState, Overlay, Session, SpanFactory,
+    StateAccess,
 };
 pub use imports::ALLOWED_IMPORTS;
 pub use limits::HandlerLimits;

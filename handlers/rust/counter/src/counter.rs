@@ -1,7 +1,12 @@
 // The counter's logic, shared by `counter` and `counter-fixed` (which sets
 // `HONOUR_FAIL = false`). See `lib.rs` for the behaviour.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use ordo_guest::serde_json::{self, Value};
+
+/// Messages this instance has handled (a fresh instance starts at 0).
+static HANDLED: AtomicU64 = AtomicU64::new(0);
 use ordo_guest::{debug, outbox, state, Handler, HandlerError, Message};
 
 /// The conformance counter; `HONOUR_FAIL = false` ignores `fail`.
@@ -9,6 +14,7 @@ pub struct Counter<const HONOUR_FAIL: bool>;
 
 impl<const HONOUR_FAIL: bool> Handler for Counter<HONOUR_FAIL> {
     fn handle(msg: Message) -> Result<(), HandlerError> {
+        let handled = HANDLED.fetch_add(1, Ordering::Relaxed) + 1;
         let mut payload: Value = msg.payload_json()?;
         let seq = payload
             .get("seq")
@@ -86,6 +92,9 @@ impl<const HONOUR_FAIL: bool> Handler for Counter<HONOUR_FAIL> {
         state::set_str("seqs", &seqs);
         state::set_str("count", &count.to_string());
         state::set_str("attempt", &msg.attempt.to_string());
+        if payload.get("report_instance").and_then(Value::as_bool) == Some(true) {
+            state::set_str("instance_messages", &handled.to_string());
+        }
 
         if let Some(emit) = payload.as_object_mut().and_then(|o| o.remove("emit")) {
             let topic = emit.get("topic").and_then(Value::as_str);

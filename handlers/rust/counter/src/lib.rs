@@ -11,6 +11,9 @@
 //! - `"fail": "log-flood" | "emit-flood" | "state-flood" | "write-flood"`:
 //!   100k log lines, 100k emits, an 8 MiB state value, 100k state writes
 //!   (the host's quotas must contain them).
+//! - `"report_instance": true`: set `instance_messages` to the number of
+//!   messages the instance running this one has handled, this one included
+//!   (1 in a fresh instance; more where the host reuses instances).
 //! - `"emit": {"topic": T, "key": K}`: emit the payload minus `emit` to topic
 //!   T under key K, with the message's headers.
 //!
