@@ -1408,8 +1408,13 @@ impl Host {
         );
         reg.register(
             "handler_seconds",
-            "Handler invocation time (fresh instance + call)",
+            "Handler invocation time (instantiation, unless an instance is reused, + call)",
             self.metrics.handler_seconds.clone(),
+        );
+        reg.register(
+            "handler_instances",
+            "Sandbox instances created: one per message unless the handler reuses instances (messages_per_instance)",
+            self.metrics.instances.clone(),
         );
         reg.register(
             "batch_messages",

@@ -6,6 +6,7 @@
 //! into a fresh registry, so there is one source of truth for each figure.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
@@ -49,6 +50,9 @@ fn batch_histogram() -> Histogram {
 pub struct Metrics {
     /// Handler invocation time (instantiate + call), per handler.
     pub handler_seconds: HistogramFamily<HandlerLabel>,
+    /// Sandbox instances created, per handler: one per message unless
+    /// the handler reuses instances (`messages_per_instance`).
+    pub instances: Family<HandlerLabel, Counter>,
     /// Messages (and replays) per committed lane batch, per handler.
     pub batch_messages: HistogramFamily<HandlerLabel>,
 }
@@ -57,6 +61,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             handler_seconds: Family::new_with_constructor(seconds_histogram),
+            instances: Family::default(),
             batch_messages: Family::new_with_constructor(batch_histogram),
         }
     }

@@ -7,7 +7,7 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::fixtures::handler_path;
-use crate::server::{state, wait_drained, Server};
+use crate::server::{metric, state, wait_drained, Server};
 
 fn write_config(dir: &Path, max_attempts: u32) -> std::path::PathBuf {
     let path = dir.join("ordo.toml");
@@ -321,6 +321,17 @@ async fn messages_per_instance_reuses_instances_within_a_batch() {
         most = most.max(ran);
     }
     assert!(most > 1, "no instance ran more than one message");
+    let h = r#"{handler="counter"}"#;
+    let instances = metric(&server, &format!("ordo_handler_instances_total{h}"))
+        .await
+        .expect("instances counted");
+    let calls = metric(&server, &format!("ordo_handler_seconds_count{h}"))
+        .await
+        .expect("calls counted");
+    assert!(
+        instances >= 1.0 && instances < calls,
+        "{instances} instances for {calls} calls"
+    );
     let versions = restarted_with_one_version(&mut server).await;
     assert_eq!(
         versions["versions"][0]["limits"]["messages_per_instance"],

@@ -416,6 +416,11 @@ async fn traps_deadlines_and_memory_bombs_are_dead_lettered_and_droppable() {
     );
     let calls = metric(&server, &format!("ordo_handler_seconds_count{h}")).await;
     assert_eq!(calls, Some(10.0), "6 failed + 4 committed invocations");
+    assert_eq!(
+        metric(&server, &format!("ordo_handler_instances_total{h}")).await,
+        Some(10.0),
+        "a fresh instance per invocation by default"
+    );
     assert_eq!(metric(&server, "ordo_healthy").await, Some(1.0));
     assert!(
         metric(&server, "ordo_flush_seconds_count")

@@ -87,6 +87,7 @@ impl Executor {
                     outcome,
                     overlay,
                     elapsed: start.elapsed(),
+                    fresh_instance: false,
                 };
                 (invocation, state)
             }
@@ -707,6 +708,9 @@ impl<'a> Builder<'a> {
             .handler_seconds
             .get_or_create(&ctx.label)
             .observe(start.elapsed().as_secs_f64());
+        if invocation.fresh_instance {
+            ctx.metrics.instances.get_or_create(&ctx.label).inc();
+        }
         let outcome = match (
             invocation.outcome,
             runnable.module.max_state_bytes_per_key(),

@@ -99,8 +99,11 @@ pub struct Invocation {
     /// The buffered effects. On failure, `writes` and `emits` are empty
     /// (nothing of a failed attempt may be committed); logs are kept.
     pub overlay: Overlay,
-    /// Wall time of instantiation plus call.
+    /// Wall time of instantiation (if any) plus call.
     pub elapsed: Duration,
+    /// Whether the message ran in an instance made for it (false: one
+    /// kept from the message before, see [`Session`]).
+    pub fresh_instance: bool,
 }
 
 /// Enforces memory and table limits, remembering whether a limit was hit so
@@ -584,6 +587,7 @@ impl Session<'_> {
         let module = self.module;
         let limits = &module.limits;
         let budget = Budget::new(limits.max_stdio_bytes);
+        let fresh_instance = self.live.is_none();
         let (mut store, instance) = match self.live.take() {
             Some(mut live) => {
                 live.store.data_mut().begin(state, &budget, log_span);
@@ -639,6 +643,7 @@ impl Session<'_> {
             outcome,
             overlay,
             elapsed: start.elapsed(),
+            fresh_instance,
         };
         (invocation, state)
     }
