@@ -119,6 +119,11 @@ pub struct TortureArgs {
     /// Partitions of the host (`ordo serve --partitions`).
     #[arg(long, default_value_t = 4)]
     pub partitions: u32,
+    /// Messages one sandbox instance may run within a lane batch (the
+    /// handlers' `messages_per_instance`; 1, the default, is a fresh
+    /// instance per message).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub messages_per_instance: u32,
     /// Keep the data dir and host log even when the run passes.
     #[arg(long)]
     pub keep: bool,
@@ -341,6 +346,8 @@ struct Host {
     log: PathBuf,
     port: u16,
     partitions: u32,
+    /// `ordo.toml` of the host (its handlers' default limits), if any.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -365,16 +372,19 @@ impl Host {
         cmd.args(["serve", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--partitions", &self.partitions.to_string()])
-            .env(
-                "ORDO_LOG",
-                std::env::var("ORDO_TORTURE_HOST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env_remove("ORDO_CRASH_AT")
-            .env_remove("ORDO_ADMIN_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+            .args(["--partitions", &self.partitions.to_string()]);
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.env(
+            "ORDO_LOG",
+            std::env::var("ORDO_TORTURE_HOST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("ORDO_CRASH_AT")
+        .env_remove("ORDO_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
         if let Some(point) = crash_at {
             cmd.env("ORDO_CRASH_AT", point);
         }
@@ -992,6 +1002,11 @@ fn command_line(args: &TortureArgs) -> String {
         ("accounts", args.accounts as u64, 12),
         ("produce-pause-ms", args.produce_pause_ms, 40),
         ("partitions", u64::from(args.partitions), 4),
+        (
+            "messages-per-instance",
+            u64::from(args.messages_per_instance),
+            1,
+        ),
     ] {
         if v != default {
             let _ = write!(c, " --{name} {v}");
@@ -1053,12 +1068,25 @@ pub async fn torture(args: &TortureArgs) -> anyhow::Result<Report> {
         .and_then(|l| l.local_addr())
         .context("finding a free port")?
         .port();
+    let config = match args.messages_per_instance {
+        1 => None,
+        n => {
+            let path = work.path().join("ordo.toml");
+            std::fs::write(
+                &path,
+                format!("[defaults.limits]\nmessages_per_instance = {n}\n"),
+            )
+            .with_context(|| format!("writing {}", path.display()))?;
+            Some(path)
+        }
+    };
     let mut host = Host {
         exe: std::env::current_exe().context("locating the ordo binary")?,
         data_dir: work.path().join("data"),
         log: work.path().join("host.log"),
         port,
         partitions: args.partitions.max(1),
+        config,
         child: None,
     };
     let outcome = drive(args, &mut host, counter, bank).await;
