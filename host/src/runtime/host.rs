@@ -101,8 +101,9 @@ pub struct Invocation {
     pub overlay: Overlay,
     /// Wall time of instantiation (if any) plus call.
     pub elapsed: Duration,
-    /// Whether the message ran in an instance made for it (false: one
-    /// kept from the message before, see [`Session`]).
+    /// Whether an instance was made for the message (false: it ran in one
+    /// kept from the message before, see [`Session`], or none could be
+    /// made).
     pub fresh_instance: bool,
 }
 
@@ -587,7 +588,7 @@ impl Session<'_> {
         let module = self.module;
         let limits = &module.limits;
         let budget = Budget::new(limits.max_stdio_bytes);
-        let fresh_instance = self.live.is_none();
+        let kept = self.live.is_some();
         let (mut store, instance) = match self.live.take() {
             Some(mut live) => {
                 live.store.data_mut().begin(state, &budget, log_span);
@@ -607,6 +608,7 @@ impl Session<'_> {
             }
             Err(e) => (None, 0, Err(e)),
         };
+        let fresh_instance = !kept && handler.is_some();
         let host = store.data_mut();
         let outcome = match result {
             Ok(Ok(())) => Ok(()),
