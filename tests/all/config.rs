@@ -196,22 +196,28 @@ async fn serve_applies_the_config_and_redeploys_only_on_change() {
     assert_eq!(versions["versions"][1]["limits"]["deadline_ms"], 500);
 }
 
+/// Serves the counter on topic `orders` (dead-lettering failures) with
+/// `limits`, from an `ordo.toml` written in `dir`.
+async fn serve_counter_with_limits(dir: &Path, limits: &str) -> Server {
+    let path = dir.join("ordo.toml");
+    let text = format!(
+        "[handlers.counter]\ncomponent = \"{}\"\ntopic = \"orders\"\n\
+         retry = {{ on_failure = \"dead-letter\" }}\n\
+         limits = {{ {limits} }}\n",
+        handler_path("counter").display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    let path_arg = path.to_str().expect("path").to_string();
+    Server::start_with(&["--config", &path_arg]).await
+}
+
 /// The counter keeps `count`, `seqs` ("1,2,…") and `attempt`: 17 + 2n bytes
 /// of state keys and values after message n ≤ 9, 39 after the 10th, 42
 /// after the 11th.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("ordo.toml");
-    let text = format!(
-        "[handlers.counter]\ncomponent = \"{}\"\ntopic = \"orders\"\n\
-         retry = {{ on_failure = \"dead-letter\" }}\n\
-         limits = {{ max_state_bytes_per_key = 40 }}\n",
-        handler_path("counter").display()
-    );
-    std::fs::write(&path, text).expect("write config");
-    let path_arg = path.to_str().expect("path").to_string();
-    let mut server = Server::start_with(&["--config", &path_arg]).await;
+    let mut server = serve_counter_with_limits(dir.path(), "max_state_bytes_per_key = 40").await;
     let client = server.client();
     let batch: Vec<serde_json::Value> = (1..=11)
         .map(|seq| json!({"key": "k", "idempotency_key": format!("k/{seq}"), "payload": format!("{{\"seq\":{seq}}}")}))
@@ -261,16 +267,7 @@ async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_per_instance_reuses_instances_within_a_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("ordo.toml");
-    let text = format!(
-        "[handlers.counter]\ncomponent = \"{}\"\ntopic = \"orders\"\n\
-         retry = {{ on_failure = \"dead-letter\" }}\n\
-         limits = {{ messages_per_instance = 64 }}\n",
-        handler_path("counter").display()
-    );
-    std::fs::write(&path, text).expect("write config");
-    let path_arg = path.to_str().expect("path").to_string();
-    let mut server = Server::start_with(&["--config", &path_arg]).await;
+    let mut server = serve_counter_with_limits(dir.path(), "messages_per_instance = 64").await;
     let client = server.client();
     let keys = 8;
     let per_key = 40u64;
