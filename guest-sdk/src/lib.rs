@@ -10,6 +10,13 @@
 //! Build for `wasm32-wasip2` (the output is already a component) and deploy
 //! the `.wasm` with `ordo deploy`.
 //!
+//! Keep everything a message needs in [`state`]: each message runs in a
+//! fresh instance, so statics start from their initial values every time.
+//! A deployment may let an instance run several messages of a batch
+//! (`messages_per_instance`) to save instantiating one per message; a
+//! handler that reads nothing but its message and state behaves the same
+//! either way.
+//!
 //! # Example
 //!
 //! ```no_run
