@@ -44,6 +44,10 @@ pub struct PipelineArgs {
     /// load and is sent whether or not earlier ones were answered).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     load_interval_ms: u64,
+    /// Messages one sandbox instance may run within a lane batch (the
+    /// handler's `messages_per_instance`; 1 is a fresh instance each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    messages_per_instance: u32,
     /// Markdown file to record the table in.
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: PathBuf,
@@ -108,8 +112,14 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     let t0 = Instant::now();
-    host.deploy("counter", "bench", bytes, Default::default())
-        .await?;
+    let options = crate::host::DeployOptions {
+        limits: Some(crate::runtime::HandlerLimits {
+            messages_per_instance: args.messages_per_instance,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    host.deploy("counter", "bench", bytes, options).await?;
     let flushes0 = host.committer().flushes();
     loop {
         let (p, d, lag) = processed(&host).await?;
@@ -240,10 +250,18 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     );
     println!("{table}");
     let body = format!(
-        "## Pipeline, end to end (in-process host, counter handler)\n\n{}; {} keys, 16 partitions.\n\
-         Reproduce: `scripts/build-guests.sh && cargo run --release -- bench pipeline`.\n\n{table}",
+        "## Pipeline, end to end (in-process host, counter handler)\n\n{}; {} keys, 16 partitions{}.\n\
+         Reproduce: `scripts/build-guests.sh && cargo run --release -- bench pipeline{}`.\n\n{table}",
         super::machine_summary(),
-        keys
+        keys,
+        match args.messages_per_instance {
+            1 => String::new(),
+            n => format!(", up to {n} messages per instance"),
+        },
+        match args.messages_per_instance {
+            1 => String::new(),
+            n => format!(" --messages-per-instance {n}"),
+        },
     );
     super::record_section(&args.output, "pipeline", &body)?;
     Ok(())
