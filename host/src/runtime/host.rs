@@ -162,29 +162,59 @@ impl wasmtime::ResourceLimiter for Limiter {
     }
 }
 
-/// The `T` of every `Store`: one per invocation.
+/// The `T` of every `Store`: one per instance (see [`Session`]).
 pub(crate) struct HostState {
+    /// What belongs to the message being run.
+    msg: MessageScope,
+    limits: Arc<HandlerLimits>,
+    limiter: Limiter,
+    /// Built on the guest's first WASI call: most handlers never make one,
+    /// and building it (clocks, seeded random generators, stdio sinks) is a
+    /// measurable part of a fresh instance. An instance that made one does
+    /// not run another message.
+    wasi: Option<WasiCtx>,
+    table: ResourceTable,
+}
+
+/// Everything the host reads, counts or buffers for one message: made
+/// anew for each message, also in a kept instance.
+struct MessageScope {
     state: Box<dyn StateAccess>,
     overlay: Overlay,
-    limits: Arc<HandlerLimits>,
     emit_bytes: usize,
     write_count: usize,
     /// Set when the guest exceeded a host quota (the trap's cause).
     quota: Option<String>,
     /// Set when reading committed state failed (not the guest's fault).
     host_error: Option<String>,
-    limiter: Limiter,
-    /// Built on the guest's first WASI call: most handlers never make one,
-    /// and building it (clocks, seeded random generators, stdio sinks) is a
-    /// measurable part of a fresh instance.
-    wasi: Option<WasiCtx>,
     /// Shared by the guest's stdout and stderr.
     stdio_budget: Arc<Budget>,
-    table: ResourceTable,
     /// Builds the span the guest's log lines and output are recorded in,
     /// on the first line that is recorded: a span per message costs more
     /// than most handlers' whole call, and most lines are filtered out.
     log_span: LogSpan,
+}
+
+impl MessageScope {
+    fn new(
+        state: Box<dyn StateAccess>,
+        budget: &Arc<Budget>,
+        log_span: Option<SpanFactory>,
+    ) -> Self {
+        MessageScope {
+            state,
+            overlay: Overlay::default(),
+            emit_bytes: 0,
+            write_count: 0,
+            quota: None,
+            host_error: None,
+            stdio_budget: budget.clone(),
+            log_span: LogSpan {
+                factory: log_span,
+                span: None,
+            },
+        }
+    }
 }
 
 /// Makes the tracing span of one message's guest logs (handler, key,
@@ -225,7 +255,7 @@ impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         let wasi = match self.wasi.take() {
             Some(wasi) => wasi,
-            None => wasi_ctx(&self.stdio_budget, self.log_span.factory.as_ref()),
+            None => wasi_ctx(&self.msg.stdio_budget, self.msg.log_span.factory.as_ref()),
         };
         WasiCtxView {
             ctx: self.wasi.insert(wasi),
@@ -237,29 +267,14 @@ impl WasiView for HostState {
 impl HostState {
     /// Readies a kept instance's state for its next message: everything
     /// the host counts or buffers per message starts afresh.
-    fn begin(
-        &mut self,
-        state: Box<dyn StateAccess>,
-        budget: &Arc<Budget>,
-        log_span: Option<SpanFactory>,
-    ) {
-        self.state = state;
-        self.overlay = Overlay::default();
-        self.emit_bytes = 0;
-        self.write_count = 0;
-        self.quota = None;
-        self.host_error = None;
+    fn begin(&mut self, msg: MessageScope) {
+        self.msg = msg;
         self.limiter.hit = None;
-        self.stdio_budget = budget.clone();
-        self.log_span = LogSpan {
-            factory: log_span,
-            span: None,
-        };
     }
 
     fn over_quota(&mut self, what: String) -> wasmtime::Error {
         let err = wasmtime::format_err!("{what}");
-        self.quota = Some(what);
+        self.msg.quota = Some(what);
         err
     }
 }
@@ -268,14 +283,14 @@ impl types::Host for HostState {}
 
 impl state::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        if let Some(pending) = self.overlay.writes.get(&key) {
+        if let Some(pending) = self.msg.overlay.writes.get(&key) {
             return Ok(pending.clone());
         }
-        match self.state.get(&key) {
+        match self.msg.state.get(&key) {
             Ok(value) => Ok(value),
             Err(e) => {
                 let text = format!("reading state key {key:?}: {e:#}");
-                self.host_error = Some(text.clone());
+                self.msg.host_error = Some(text.clone());
                 Err(wasmtime::format_err!("{text}"))
             }
         }
@@ -290,21 +305,21 @@ impl state::Host for HostState {
             )));
         }
         self.count_write()?;
-        self.overlay.writes.insert(key, Some(value));
+        self.msg.overlay.writes.insert(key, Some(value));
         Ok(())
     }
 
     fn delete(&mut self, key: String) -> wasmtime::Result<()> {
         self.count_write()?;
-        self.overlay.writes.insert(key, None);
+        self.msg.overlay.writes.insert(key, None);
         Ok(())
     }
 }
 
 impl HostState {
     fn count_write(&mut self) -> wasmtime::Result<()> {
-        self.write_count += 1;
-        if self.write_count > self.limits.max_state_writes {
+        self.msg.write_count += 1;
+        if self.msg.write_count > self.limits.max_state_writes {
             return Err(self.over_quota(format!(
                 "more than {} state writes in one message",
                 self.limits.max_state_writes
@@ -322,14 +337,14 @@ impl outbox::Host for HostState {
         payload: Vec<u8>,
         headers: Vec<(String, String)>,
     ) -> wasmtime::Result<()> {
-        self.emit_bytes += payload.len();
-        if self.overlay.emits.len() >= self.limits.max_emits {
+        self.msg.emit_bytes += payload.len();
+        if self.msg.overlay.emits.len() >= self.limits.max_emits {
             return Err(self.over_quota(format!(
                 "more than {} outbox emits in one message",
                 self.limits.max_emits
             )));
         }
-        if self.emit_bytes > self.limits.max_emit_bytes {
+        if self.msg.emit_bytes > self.limits.max_emit_bytes {
             return Err(self.over_quota(format!(
                 "more than {} bytes emitted in one message",
                 self.limits.max_emit_bytes
@@ -340,7 +355,7 @@ impl outbox::Host for HostState {
                 self.over_quota("outbox emit with an empty topic or partition key".to_string())
             );
         }
-        self.overlay.emits.push(Emit {
+        self.msg.overlay.emits.push(Emit {
             topic,
             partition_key,
             payload,
@@ -352,15 +367,15 @@ impl outbox::Host for HostState {
 
 impl log::Host for HostState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
-        if self.overlay.logs.len() >= self.limits.max_log_lines {
-            self.overlay.dropped_log_lines += 1;
+        if self.msg.overlay.logs.len() >= self.limits.max_log_lines {
+            self.msg.overlay.dropped_log_lines += 1;
             return Ok(());
         }
         // The message's span is made only for a line that is recorded.
         macro_rules! record {
             ($level:expr) => {
                 if tracing::enabled!(target: "ordo::guest", $level) {
-                    let _span = self.log_span.get().enter();
+                    let _span = self.msg.log_span.get().enter();
                     tracing::event!(target: "ordo::guest", $level, "{message}");
                 }
             };
@@ -372,7 +387,7 @@ impl log::Host for HostState {
             Level::Warn => record!(tracing::Level::WARN),
             Level::Error => record!(tracing::Level::ERROR),
         }
-        self.overlay.logs.push(LogLine { level, message });
+        self.msg.overlay.logs.push(LogLine { level, message });
         Ok(())
     }
 }
@@ -437,21 +452,11 @@ impl HandlerModule {
         &self.limits
     }
 
-    fn new_store(
-        &self,
-        state: Box<dyn StateAccess>,
-        budget: &Arc<Budget>,
-        log_span: Option<SpanFactory>,
-    ) -> Store<HostState> {
+    fn new_store(&self, msg: MessageScope) -> Store<HostState> {
         let limits = &self.limits;
         let host = HostState {
-            state,
-            overlay: Overlay::default(),
+            msg,
             limits: limits.clone(),
-            emit_bytes: 0,
-            write_count: 0,
-            quota: None,
-            host_error: None,
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
@@ -459,12 +464,7 @@ impl HandlerModule {
                 hit: None,
             },
             wasi: None,
-            stdio_budget: budget.clone(),
             table: ResourceTable::new(),
-            log_span: LogSpan {
-                factory: log_span,
-                span: None,
-            },
         };
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|s| &mut s.limiter);
@@ -488,7 +488,11 @@ impl HandlerModule {
     #[doc(hidden)]
     pub fn bench_warm_calls(&self, msg: &Message, n: usize) -> anyhow::Result<Vec<Duration>> {
         let budget = Budget::new(self.limits.max_stdio_bytes);
-        let mut store = self.new_store(Box::new(MemoryState::default()), &budget, None);
+        let mut store = self.new_store(MessageScope::new(
+            Box::new(MemoryState::default()),
+            &budget,
+            None,
+        ));
         let handler = self.pre.instantiate(&mut store)?;
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
@@ -588,15 +592,16 @@ impl Session<'_> {
         let module = self.module;
         let limits = &module.limits;
         let budget = Budget::new(limits.max_stdio_bytes);
+        let msg_scope = MessageScope::new(state, &budget, log_span);
         let kept = self.live.is_some();
         let (mut store, instance) = match self.live.take() {
             Some(mut live) => {
-                live.store.data_mut().begin(state, &budget, log_span);
+                live.store.data_mut().begin(msg_scope);
                 live.store.set_epoch_deadline(module.deadline_ticks);
                 (live.store, Ok((live.handler, live.messages)))
             }
             None => {
-                let mut store = module.new_store(state, &budget, log_span);
+                let mut store = module.new_store(msg_scope);
                 let handler = module.pre.instantiate(&mut store);
                 (store, handler.map(|h| (h, 0)))
             }
@@ -620,8 +625,8 @@ impl Session<'_> {
             }
             Err(err) => Err(classify_error(host, handler.is_some(), err, limits)),
         };
-        let mut overlay = std::mem::take(&mut host.overlay);
-        let state = std::mem::replace(&mut host.state, Box::new(NoState));
+        let mut overlay = std::mem::take(&mut host.msg.overlay);
+        let state = std::mem::replace(&mut host.msg.state, Box::new(NoState));
         overlay.dropped_stdio_bytes = budget.dropped();
         if outcome.is_err() {
             overlay.writes.clear();
@@ -658,10 +663,10 @@ fn classify_error(
     err: wasmtime::Error,
     limits: &HandlerLimits,
 ) -> Failure {
-    if let Some(text) = host.host_error.take() {
+    if let Some(text) = host.msg.host_error.take() {
         return Failure::new(FailureKind::Host, text);
     }
-    if let Some(text) = host.quota.take() {
+    if let Some(text) = host.msg.quota.take() {
         return Failure::new(FailureKind::QuotaExceeded, text);
     }
     if let Some(text) = host.limiter.hit.take() {
