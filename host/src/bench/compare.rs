@@ -23,8 +23,8 @@ use clap::Args;
 
 use crate::api::ingest::IncomingMessage;
 use crate::dispatch::NativeHandler;
-use crate::host::{DeployOptions, Host, HostConfig};
-use crate::runtime::{Failure, FailureKind, HandlerLimits, Message, Overlay, StateAccess};
+use crate::host::{Host, HostConfig};
+use crate::runtime::{Failure, FailureKind, Message, Overlay, StateAccess};
 
 /// Options of `ordo bench compare`.
 #[derive(Debug, Args)]
@@ -243,14 +243,7 @@ async fn run_ordo(
     let mut meter = Meter::start();
     match mode {
         Mode::Wasm(bytes, messages_per_instance) => {
-            let options = DeployOptions {
-                limits: Some(HandlerLimits {
-                    messages_per_instance,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            host.deploy("counter", "bench", bytes, options).await?;
+            super::deploy_counter(&host, bytes, messages_per_instance).await?;
         }
         Mode::Native => host.run_native("counter", "bench", Arc::new(NativeCounter))?,
     }

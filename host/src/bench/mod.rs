@@ -44,3 +44,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Dedup(a) => tokio::task::spawn_blocking(move || dedup::run(a)).await?,
     }
 }
+
+/// Deploys the counter component as handler `counter` on topic `bench`,
+/// with the default limits but `messages_per_instance`.
+async fn deploy_counter(
+    host: &std::sync::Arc<crate::host::Host>,
+    bytes: Vec<u8>,
+    messages_per_instance: u32,
+) -> anyhow::Result<()> {
+    let options = crate::host::DeployOptions {
+        limits: Some(crate::runtime::HandlerLimits {
+            messages_per_instance,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    host.deploy("counter", "bench", bytes, options).await?;
+    Ok(())
+}

@@ -112,14 +112,7 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     let t0 = Instant::now();
-    let options = crate::host::DeployOptions {
-        limits: Some(crate::runtime::HandlerLimits {
-            messages_per_instance: args.messages_per_instance,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    host.deploy("counter", "bench", bytes, options).await?;
+    super::deploy_counter(&host, bytes, args.messages_per_instance).await?;
     let flushes0 = host.committer().flushes();
     loop {
         let (p, d, lag) = processed(&host).await?;
