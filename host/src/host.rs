@@ -10,7 +10,8 @@ use tokio::task::JoinHandle;
 
 use crate::api::ingest::IncomingMessage;
 use crate::dispatch::{
-    run_lane, ActiveVersion, Executor, HandlerStats, LaneContext, NativeHandler, Runnable, Workers,
+    run_lane, ActiveVersion, Executor, HandlerStats, LaneContext, LanePosition, NativeHandler,
+    Runnable, Workers,
 };
 use crate::ledger::{
     now_ms, AuditRecord, DeadLetter, DlqAction, Envelope, FailurePolicy, GroupCommitter,
@@ -197,6 +198,8 @@ struct HandlerSlot {
     paused: bool,
     control: watch::Sender<u64>,
     stats: Arc<HandlerStats>,
+    /// Each lane's position, by partition.
+    positions: Arc<[watch::Sender<LanePosition>]>,
     /// Stops this handler's lanes (undeploy, shutdown).
     stop: watch::Sender<bool>,
     lanes: Vec<JoinHandle<()>>,
@@ -610,6 +613,9 @@ impl Host {
         let (stop_tx, stop_rx) = watch::channel(*self.stop.borrow());
         let (control_tx, control_rx) = watch::channel(0u64);
         let stats = Arc::new(HandlerStats::default());
+        let positions: Arc<[watch::Sender<LanePosition>]> = (0..partitions)
+            .map(|_| watch::Sender::new(LanePosition::default()))
+            .collect();
         let ctx = LaneContext {
             handler: name.into(),
             topic: topic.into(),
@@ -623,6 +629,7 @@ impl Host {
             active: active_rx,
             control: control_rx,
             stats: stats.clone(),
+            positions: positions.clone(),
             exec_slots: self.exec_slots.clone(),
             workers: self.workers.clone(),
             stop: stop_rx,
@@ -645,6 +652,7 @@ impl Host {
                 paused,
                 control: control_tx,
                 stats,
+                positions,
                 stop: stop_tx,
                 lanes,
             },
@@ -1297,6 +1305,28 @@ impl Host {
         Ok(self.ledger.state_get(handler, partition_key, state_key)?)
     }
 
+    /// The position of the lane of `handler` that consumes `partition_key`'s
+    /// messages, watched: a producer that got offset `o` for a message with
+    /// that key waits for `committed > o` to know the handler's effects of
+    /// it are durable (or that it was skipped as a duplicate or
+    /// dead-lettered). Follows the handler across hot deploys; ends when it
+    /// is undeployed or the host stops.
+    pub fn lane_position(
+        &self,
+        handler: &str,
+        partition_key: &str,
+    ) -> anyhow::Result<watch::Receiver<LanePosition>> {
+        let slots = self.slots();
+        let slot = slots
+            .get(handler)
+            .ok_or_else(|| anyhow::anyhow!("no handler named {handler:?} is deployed"))?;
+        let partition = partition_for(partition_key, slot.positions.len() as u32);
+        slot.positions
+            .get(partition as usize)
+            .map(watch::Sender::subscribe)
+            .ok_or_else(|| anyhow::anyhow!("handler {handler:?} has no lanes"))
+    }
+
     /// Everything the host counts, in the Prometheus text format.
     pub fn metrics_text(&self) -> anyhow::Result<String> {
         use crate::metrics::{HandlerLabel, LaneLabel};
@@ -1842,4 +1872,103 @@ impl Host {
 /// Handler names: 1–128 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_handler_name(name: &str) -> Result<(), String> {
     crate::source::topics::validate_name("handler", name, 128)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::runtime::{Failure, FailureKind, Message, Overlay, StateAccess};
+
+    /// Counts each key's messages; a payload of `bad` fails for good.
+    struct Count;
+
+    impl NativeHandler for Count {
+        fn handle(
+            &self,
+            msg: &Message,
+            state: &mut dyn StateAccess,
+            overlay: &mut Overlay,
+        ) -> Result<(), Failure> {
+            if msg.payload == b"bad" {
+                return Err(Failure::new(FailureKind::Permanent, "bad"));
+            }
+            let host = |e: anyhow::Error| Failure::new(FailureKind::Host, e.to_string());
+            let count = state
+                .get("count")
+                .map_err(host)?
+                .map_or(0, |c| c.first().copied().unwrap_or(0))
+                + 1;
+            overlay.writes.insert("count".into(), Some(vec![count]));
+            Ok(())
+        }
+    }
+
+    fn message(key: &str, idempotency_key: &str, payload: &[u8]) -> IncomingMessage {
+        IncomingMessage {
+            key: key.into(),
+            idempotency_key: Some(idempotency_key.into()),
+            payload: payload.to_vec(),
+            headers: vec![],
+        }
+    }
+
+    async fn committed_past(host: &Host, key: &str, offset: u64) -> LanePosition {
+        let mut position = host.lane_position("count", key).expect("position");
+        let reached = position.wait_for(|p| p.committed > offset);
+        let at = *tokio::time::timeout(Duration::from_secs(10), reached)
+            .await
+            .expect("committed in time")
+            .expect("lane running");
+        at
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lane_position_says_when_a_produced_message_is_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = Host::open(dir.path(), HostConfig::default())
+            .await
+            .expect("open");
+        host.run_native("count", "t", Arc::new(Count)).expect("run");
+        let err = host.lane_position("nobody", "k").expect_err("no handler");
+        assert!(err.to_string().contains("nobody"), "{err}");
+
+        // Processed, duplicate, dead-lettered and held messages all move it
+        // (the default policy parks the key of a message that failed).
+        let offsets = host
+            .ingest(
+                "t",
+                vec![
+                    message("k", "a", b"1"),
+                    message("k", "a", b"1"),
+                    message("k", "b", b"bad"),
+                    message("k", "c", b"2"),
+                ],
+            )
+            .await
+            .expect("ingest");
+        let last = *offsets.last().expect("offsets");
+        let at = committed_past(&host, "k", last).await;
+        assert_eq!(at.committed, last + 1, "{at:?}");
+        assert!(at.applied >= at.committed, "{at:?}");
+        // Committed means counted and readable.
+        let count = host.state_get("count", "k", "count").expect("state");
+        assert_eq!(count, Some(vec![1]));
+        let status = host.status().expect("status");
+        let s = status.first().expect("one handler");
+        assert_eq!((s.processed, s.duplicates, s.held, s.lag), (1, 1, 1, 0));
+        host.shutdown().await.expect("shutdown");
+        drop(host);
+
+        // After a restart the lane starts where it had committed.
+        let host = Host::open(dir.path(), HostConfig::default())
+            .await
+            .expect("reopen");
+        host.run_native("count", "t", Arc::new(Count)).expect("run");
+        let at = committed_past(&host, "k", last).await;
+        assert_eq!(at.committed, last + 1, "{at:?}");
+        assert_eq!(host.status().expect("status")[0].processed, 0);
+        host.shutdown().await.expect("shutdown");
+    }
 }

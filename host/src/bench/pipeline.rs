@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::api::ingest::IncomingMessage;
+use crate::dispatch::LanePosition;
 use crate::host::{Host, HostConfig};
 
 /// Options of `ordo bench pipeline`.
@@ -53,7 +54,7 @@ pub struct PipelineArgs {
     output: PathBuf,
 }
 
-/// How long a probe may wait for its message to be applied before the
+/// How long a probe may wait for its message to be committed before the
 /// offered load is declared not sustained.
 const PROBE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -129,13 +130,11 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     // Latency: one message at a time, produce → committed.
     let mut samples = Vec::with_capacity(args.latency_samples);
     for i in 0..args.latency_samples {
-        let before = processed(&host).await?.0;
+        let m = msg(i % keys, 1_000_000 + i as u64);
+        let mut position = host.lane_position("counter", &m.key)?;
         let start = Instant::now();
-        host.ingest("bench", vec![msg(i % keys, 1_000_000 + i as u64)])
-            .await?;
-        while processed(&host).await?.0 <= before {
-            tokio::time::sleep(Duration::from_micros(100)).await;
-        }
+        let offset = ingest_one(&host, m).await?;
+        reached(&mut position, |p| p.committed > offset, start).await?;
         samples.push(start.elapsed());
     }
     samples.sort();
@@ -145,8 +144,8 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     // an open-loop load (a producer request every `load_interval_ms`, each
     // on its own task whether or not the earlier ones were answered, as
     // independent producers would send them) plus probe messages on their
-    // own key, each timed from produce to its state being committed
-    // (applied and durable).
+    // own key, each timed from produce to its lane's committed position
+    // passing it (applied, durable and counted).
     let per_second = args
         .load_rate
         .map_or(rate * args.load_fraction, |r| f64::from(r.max(1)));
@@ -262,39 +261,66 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
 
 /// Sends `samples` probe messages on their own key, 20 ms apart, and times
 /// each: `[produce→committed, produce→ingest returned (durable in the log),
-/// produce→applied by the lane]`. Committed means a flush that started after
-/// the state was seen applied ended, so never less than the real figure.
+/// produce→applied by the lane]`, read from the lane's position (committed:
+/// the batch holding it is durable and counted), then checks the state the
+/// probe left.
 async fn probe(host: &Host, samples: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
     let mut stages: [Vec<Duration>; 3] = Default::default();
+    let mut position = host.lane_position("counter", "probe")?;
     for i in 0..samples {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let want = (i + 1).to_string();
         let start = Instant::now();
-        host.ingest(
-            "bench",
-            vec![IncomingMessage {
+        let offset = ingest_one(
+            host,
+            IncomingMessage {
                 key: "probe".into(),
                 idempotency_key: Some(format!("probe/{i}")),
                 payload: format!("{{\"seq\":{}}}", i + 1).into_bytes(),
                 headers: vec![],
-            }],
+            },
         )
         .await?;
         let ingested = start.elapsed();
-        while host.state_get("counter", "probe", "count")?.as_deref() != Some(want.as_bytes()) {
-            if start.elapsed() > PROBE_DEADLINE {
-                anyhow::bail!(
-                    "not sustained: probe {i} was not applied within {} s",
-                    PROBE_DEADLINE.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_micros(100)).await;
-        }
+        reached(&mut position, |p| p.applied > offset, start).await?;
         let applied = start.elapsed();
-        host.committer().barrier().await?;
+        reached(&mut position, |p| p.committed > offset, start).await?;
         stages[0].push(start.elapsed());
         stages[1].push(ingested);
         stages[2].push(applied);
+        let want = (i + 1).to_string();
+        let count = host.state_get("counter", "probe", "count")?;
+        anyhow::ensure!(
+            count.as_deref() == Some(want.as_bytes()),
+            "probe {i} committed but the count is {:?}, not {want}",
+            count.map(|c| String::from_utf8_lossy(&c).into_owned())
+        );
     }
     Ok(stages)
+}
+
+/// Produces one message; its offset.
+async fn ingest_one(host: &Host, m: IncomingMessage) -> anyhow::Result<u64> {
+    host.ingest("bench", vec![m])
+        .await?
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("ingest returned no offset"))
+}
+
+/// Waits until the lane's position satisfies `done`, at most
+/// [`PROBE_DEADLINE`] after `start`.
+async fn reached(
+    position: &mut tokio::sync::watch::Receiver<LanePosition>,
+    done: impl FnMut(&LanePosition) -> bool,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let left = PROBE_DEADLINE.saturating_sub(start.elapsed());
+    match tokio::time::timeout(left, position.wait_for(done)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) => anyhow::bail!("the handler's lane stopped"),
+        Err(_) => anyhow::bail!(
+            "not sustained: a probe was not committed within {} s",
+            PROBE_DEADLINE.as_secs()
+        ),
+    }
 }

@@ -24,7 +24,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
 
-use super::stats::{BatchCounts, HandlerStats};
+use super::stats::{BatchCounts, HandlerStats, LanePosition};
 use super::worker::Workers;
 use crate::ledger::{
     now_ms, CommitBatch, DeadLetter, DedupOutcome, DedupRecord, DlqAction, Envelope, FailurePolicy,
@@ -163,6 +163,8 @@ pub struct LaneContext {
     pub control: watch::Receiver<u64>,
     /// Counters.
     pub stats: Arc<HandlerStats>,
+    /// Each lane's position, by partition (see [`LanePosition`]).
+    pub positions: Arc<[watch::Sender<LanePosition>]>,
     /// Bounds concurrent invocations to the runtime's instance pool.
     pub exec_slots: Arc<Semaphore>,
     /// The threads that run and commit lane batches.
@@ -177,6 +179,15 @@ pub struct LaneContext {
     pub metrics: crate::metrics::Metrics,
     /// This handler's metric labels.
     pub label: crate::metrics::HandlerLabel,
+}
+
+impl LaneContext {
+    /// Updates the position of `partition`'s lane.
+    fn position(&self, partition: u32, update: impl FnOnce(&mut LanePosition)) {
+        if let Some(tx) = self.positions.get(partition as usize) {
+            tx.send_modify(update);
+        }
+    }
 }
 
 /// Uncommitted state writes of one partition key within a batch.
@@ -293,6 +304,12 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         }
     };
     let mut parked: HashSet<String> = parked.into_iter().map(|p| p.partition_key).collect();
+    ctx.position(partition, |p| {
+        *p = LanePosition {
+            applied: cursor,
+            committed: cursor,
+        }
+    });
     let mut source = match &ctx.jetstream {
         Some(js) => LaneSource::JetStream(Box::new(PartitionReader::new(
             js.clone(),
@@ -323,7 +340,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         let active = active_rx.borrow().clone();
         let Some(active) = active else {
             // Paused/undeployed: wait for a version or a stop.
-            if !publish_pending(&ctx, &mut pending).await {
+            if !publish_pending(&ctx, partition, &mut pending).await {
                 break;
             }
             tokio::select! {
@@ -348,7 +365,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             None if source.ready(cursor) => Work::Log(cursor, source.batch(cursor, ctx.max_batch)),
             None => {
                 // Idle: make what was applied durable and visible first.
-                if !publish_pending(&ctx, &mut pending).await {
+                if !publish_pending(&ctx, partition, &mut pending).await {
                     break;
                 }
                 tokio::select! {
@@ -390,7 +407,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
                 tracing::error!(%handler, partition, error = %format!("{e:#}"), "batch failed; retrying");
-                if !publish_pending(&ctx, &mut pending).await {
+                if !publish_pending(&ctx, partition, &mut pending).await {
                     break;
                 }
                 tokio::time::sleep(backoff).await;
@@ -399,7 +416,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
             }
             Err(e) => {
                 tracing::error!(%handler, partition, error = %e, "batch task panicked; retrying");
-                if !publish_pending(&ctx, &mut pending).await {
+                if !publish_pending(&ctx, partition, &mut pending).await {
                     break;
                 }
                 tokio::time::sleep(backoff).await;
@@ -413,6 +430,7 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         if let Some(next) = outcome.next_cursor {
             cursor = next;
             source.committed(next);
+            ctx.position(partition, |p| p.applied = next);
         }
         for key in &outcome.unparked {
             parked.remove(key);
@@ -422,11 +440,11 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         // What others see (counts, emitted messages, the outbox) waits for
         // durability. The previous batch's flush ran while this one was
         // built; this one's runs while the next is built.
-        if !publish_pending(&ctx, &mut pending).await {
+        if !publish_pending(&ctx, partition, &mut pending).await {
             break;
         }
         pending = Some(outcome);
-        if retry.is_some() && !publish_pending(&ctx, &mut pending).await {
+        if retry.is_some() && !publish_pending(&ctx, partition, &mut pending).await {
             break;
         }
         if let Some(r) = &retry {
@@ -442,13 +460,17 @@ pub async fn run_lane(ctx: LaneContext, partition: u32) {
         }
     }
     // Stopping (or failed): publish what became durable.
-    publish_pending(&ctx, &mut pending).await;
+    publish_pending(&ctx, partition, &mut pending).await;
 }
 
 /// Waits until the pending batch (if any) is durable, then makes its effects
 /// visible: counters, emitted log messages, the outbox relay. `false` when
 /// it can never become durable (the lane must stop).
-async fn publish_pending(ctx: &LaneContext, pending: &mut Option<BatchOutcome>) -> bool {
+async fn publish_pending(
+    ctx: &LaneContext,
+    partition: u32,
+    pending: &mut Option<BatchOutcome>,
+) -> bool {
     let Some(outcome) = pending.take() else {
         return true;
     };
@@ -474,6 +496,10 @@ async fn publish_pending(ctx: &LaneContext, pending: &mut Option<BatchOutcome>) 
     }
     for (topic, partition) in outcome.appended {
         ctx.topics.refresh(&ctx.ledger, &topic, partition);
+    }
+    // Last: whoever waits for the position sees the batch counted.
+    if let Some(next) = outcome.next_cursor {
+        ctx.position(partition, |p| p.committed = next);
     }
     true
 }

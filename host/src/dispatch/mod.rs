@@ -2,8 +2,9 @@
 //!
 //! A lane reads its partition in offset order from its committed cursor,
 //! skips duplicates, runs the handler on each new message, and hands the
-//! batch's effects to the ledger as ONE transaction; it waits for the group
-//! flush before it counts the batch or reads further. Lanes run concurrently
+//! batch's effects to the ledger as ONE transaction; it counts the batch
+//! only after the group flush made it durable (building the next one
+//! meanwhile), then moves its committed position ([`LanePosition`]). Lanes run concurrently
 //! on a few worker threads (`worker`), which apply the batches that are
 //! ready together; within a lane everything is serial, which is what gives
 //! per-key order.
@@ -28,5 +29,5 @@ pub use lane::{
     run_lane, ActiveVersion, Executor, LaneContext, NativeHandler, Runnable, EMBEDDED_SOURCE,
     HELD_KIND,
 };
-pub use stats::{BatchCounts, HandlerStats};
+pub use stats::{BatchCounts, HandlerStats, LanePosition};
 pub use worker::Workers;

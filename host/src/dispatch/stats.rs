@@ -50,3 +50,16 @@ counters! {
     /// Dead letters dropped by an operator.
     dropped,
 }
+
+/// How far one lane (handler, partition) has got, as offsets of its
+/// partition: every message before `applied` is applied to the ledger (its
+/// effects readable, not yet known durable: a crash may still undo it, and
+/// the message is then delivered again); every message before `committed`
+/// is durable and counted. `committed <= applied`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LanePosition {
+    /// The next offset the lane will apply.
+    pub applied: u64,
+    /// The next offset whose batch is not known durable yet.
+    pub committed: u64,
+}
