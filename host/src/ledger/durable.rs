@@ -10,7 +10,12 @@
 //! never received: a missing one is skipped on recovery (that page's
 //! update is lost), a truncated one fails the recovery. So every flush
 //! also syncs the blob files that appeared since the last one, and the
-//! directory that names them, before the flush counts as durable.
+//! directory that names them, before the flush counts as durable, and
+//! before the data file's own sync. A window remains: sled's flush has
+//! already written its log back (`sync_file_range`) before the blobs are
+//! synced, and a disk may keep those log pages through a power cut
+//! without the blob's; only sled syncing its blobs before writing the log
+//! that points to them would close it.
 //!
 //! Architecture invariant: nothing is reported durable (`Ledger::flush`
 //! returns) before the data file and every blob file present when sled's
@@ -42,13 +47,17 @@ impl Durable {
         }
     }
 
-    /// `db.flush()`, then the data file and the new blob files synced.
+    /// `db.flush()`, then the new blob files and the data file synced, in
+    /// that order: the log that points to a blob is made durable by the
+    /// data file's sync only once the blob is (sled's own flush asked the
+    /// kernel to write the log back already, which on some disks is as
+    /// good as durable: that window stays, see the module docs).
     pub fn flush(&self, db: &sled::Db) -> Result<()> {
         db.flush()?;
+        self.sync_new_blobs()?;
         if let Some(f) = &self.data_file {
             f.sync_data()?;
         }
-        self.sync_new_blobs()?;
         Ok(())
     }
 
