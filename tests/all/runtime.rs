@@ -592,6 +592,43 @@ fn a_kept_instance_is_dropped_after_a_failed_message() {
     );
 }
 
+/// A kept instance that leaked memory hits the memory limit on a later
+/// message; that message runs again in a fresh instance and succeeds, so
+/// no message fails for what the ones before it left behind.
+#[test]
+fn a_message_that_fails_for_its_instance_history_runs_again_fresh() {
+    let limits = limits_with_reuse();
+    let leak = r#"{"seq": 1, "report_instance": true, "leak_kib": 1024}"#;
+    let seen = in_one_session(limits, &[leak; 16]);
+    assert!(
+        seen.iter().all(|(failed, _)| failed.is_none()),
+        "every message succeeds: {seen:?}"
+    );
+    let counts: Vec<u64> = seen.iter().filter_map(|(_, n)| *n).collect();
+    assert_eq!(counts.len(), 16, "{seen:?}");
+    // 1 MiB a message in 8 MiB: an instance runs a few, then the message
+    // that found its memory full ran in a fresh one.
+    let restarts = counts.windows(2).filter(|w| w[1] == 1).count();
+    assert!(restarts >= 2, "fresh instances took over: {counts:?}");
+    assert!(counts.iter().all(|&n| n < 8), "{counts:?}");
+    // A message that fails in a fresh instance too is reported as such.
+    let bomb = r#"{"seq": 2, "fail": "bomb"}"#;
+    let report = r#"{"seq": 1, "report_instance": true}"#;
+    let seen = in_one_session(limits_with_reuse(), &[report, bomb, report]);
+    assert_eq!(
+        seen,
+        vec![ok(1), (Some(FailureKind::MemoryLimit), None), ok(1)]
+    );
+}
+
+fn limits_with_reuse() -> HandlerLimits {
+    HandlerLimits {
+        messages_per_instance: 100,
+        memory_bytes: 8 << 20,
+        ..HandlerLimits::default()
+    }
+}
+
 /// What the host counts per message starts afresh in a kept instance: a
 /// quota of one emit per message lets every message emit once, and each
 /// overlay holds that message's effects only.

@@ -582,12 +582,44 @@ impl Session<'_> {
     /// Runs `handle(msg)` as [`HandlerModule::invoke_in`] does, in the
     /// session's instance if it may run another message, else in a fresh
     /// one.
+    ///
+    /// A message that traps, hits the memory limit or overflows the stack
+    /// in a kept instance runs again in a fresh one, whose outcome counts:
+    /// what an instance's history left behind (memory it leaked, data it
+    /// broke) is not the message's failure. A fresh instance's failure, a
+    /// deadline (which would cost a second deadline) and an error the
+    /// handler returned are the message's own.
     pub fn invoke_in(
         &mut self,
         msg: &Message,
         state: Box<dyn StateAccess>,
         log_span: Option<SpanFactory>,
     ) -> (Invocation, Box<dyn StateAccess>) {
+        let (first, state, kept) = self.run(msg, state, log_span.clone());
+        let history = matches!(
+            &first.outcome,
+            Err(f) if matches!(
+                f.kind,
+                FailureKind::Trap | FailureKind::MemoryLimit | FailureKind::StackOverflow
+            )
+        );
+        if !(kept && history) {
+            return (first, state);
+        }
+        // The failed instance was dropped: this one is fresh.
+        let (mut again, state, _) = self.run(msg, state, log_span);
+        again.elapsed += first.elapsed;
+        (again, state)
+    }
+
+    /// Runs `handle(msg)` once, in the kept instance if there is one; also
+    /// says whether it was a kept one.
+    fn run(
+        &mut self,
+        msg: &Message,
+        state: Box<dyn StateAccess>,
+        log_span: Option<SpanFactory>,
+    ) -> (Invocation, Box<dyn StateAccess>, bool) {
         let start = Instant::now();
         let module = self.module;
         let limits = &module.limits;
@@ -652,7 +684,7 @@ impl Session<'_> {
             elapsed: start.elapsed(),
             fresh_instance,
         };
-        (invocation, state)
+        (invocation, state, kept)
     }
 }
 

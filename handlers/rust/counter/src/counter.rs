@@ -78,6 +78,12 @@ impl<const HONOUR_FAIL: bool> Handler for Counter<HONOUR_FAIL> {
             }
             _ => {}
         }
+        // `leak_kib: N` keeps N KiB allocated for good: memory that an
+        // instance the host reuses carries into its next message.
+        if let Some(kib) = payload.get("leak_kib").and_then(Value::as_u64) {
+            let kib = usize::try_from(kib).unwrap_or(usize::MAX);
+            core::mem::forget(core::hint::black_box(vec![1u8; kib.saturating_mul(1024)]));
+        }
 
         let seqs = match state::get_str("seqs")? {
             Some(old) if !old.is_empty() => format!("{old},{seq}"),

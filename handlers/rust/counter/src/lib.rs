@@ -11,6 +11,8 @@
 //! - `"fail": "log-flood" | "emit-flood" | "state-flood" | "write-flood"`:
 //!   100k log lines, 100k emits, an 8 MiB state value, 100k state writes
 //!   (the host's quotas must contain them).
+//! - `"leak_kib": N`: allocate N KiB and never free them (a leak that a
+//!   reused instance carries into its next message).
 //! - `"report_instance": true`: set `instance_messages` to the number of
 //!   messages the instance running this one has handled, this one included
 //!   (1 in a fresh instance; more where the host reuses instances).
