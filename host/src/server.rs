@@ -59,7 +59,7 @@ pub struct ServeArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(10..))]
     pub retention_interval_ms: Option<u64>,
     /// Consume this topic from NATS JetStream (stream and subject prefix
-    /// named like the topic, partition p = subject "<topic>.<p>", key in
+    /// named like the topic, partition p = subject `"<topic>.<p>"`, key in
     /// header Ordo-Key, idempotency key in Nats-Msg-Id). Repeatable; the
     /// config file's `[topics.NAME.jetstream]` sets every detail.
     #[arg(long = "jetstream-topic", value_name = "TOPIC")]

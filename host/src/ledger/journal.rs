@@ -48,7 +48,7 @@
 //! from its record (if it reached the disk) or drops it whole (if not).
 //!
 //! Architecture invariant: every write to the ledger tree goes through
-//! [`Journal::single`] or [`Journal::apply`] (the [`super::space`] types
+//! [`Journal::single`] or [`Journal::apply`] (the `space` types
 //! are the only callers), and no sled batch, transaction or checksum is
 //! ever used on the database.
 

@@ -1,6 +1,6 @@
 //! Every key encoding of every ledger space, in one place. In the ledger's
 //! sled tree each key below is preceded by its space's byte (1, 2, … in the
-//! order of the table; see [`super::space`]); the encodings here never
+//! order of the table; see `space`); the encodings here never
 //! include it.
 //!
 //! Integers are big-endian so byte order equals numeric order; strings are a

@@ -6,7 +6,7 @@
 //! (`outbox`), dead letters (`dlq`), parked partition keys (`parked`),
 //! pending operator actions on dead letters (`dlq_actions`), deployed
 //! versions (`handlers`, `artifacts`), the operator audit trail (`audit`)
-//! and settings (`meta`): each a key space of ONE sled tree ([`space`]).
+//! and settings (`meta`): each a key space of ONE sled tree (`space`).
 //! Key encodings are in [`keys`].
 //!
 //! Lane batches are applied with [`Ledger::commit_all`] (the batches a
