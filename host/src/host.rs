@@ -1309,8 +1309,9 @@ impl Host {
     /// messages, watched: a producer that got offset `o` for a message with
     /// that key waits for `committed > o` to know the handler's effects of
     /// it are durable (or that it was skipped as a duplicate or
-    /// dead-lettered). Follows the handler across hot deploys; ends when it
-    /// is undeployed or the host stops.
+    /// dead-lettered). Follows the handler across hot deploys; ends (a
+    /// wait on it fails) when the handler is undeployed, and stops moving
+    /// once the host shuts down.
     pub fn lane_position(
         &self,
         handler: &str,

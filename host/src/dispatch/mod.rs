@@ -4,10 +4,10 @@
 //! skips duplicates, runs the handler on each new message, and hands the
 //! batch's effects to the ledger as ONE transaction; it counts the batch
 //! only after the group flush made it durable (building the next one
-//! meanwhile), then moves its committed position ([`LanePosition`]). Lanes run concurrently
-//! on a few worker threads (`worker`), which apply the batches that are
-//! ready together; within a lane everything is serial, which is what gives
-//! per-key order.
+//! meanwhile), then moves its committed position ([`LanePosition`]).
+//! Lanes run concurrently on a few worker threads (`worker`), which apply
+//! the batches that are ready together; within a lane everything is
+//! serial, which is what gives per-key order.
 //!
 //! Architecture invariant: guest code never runs inside a ledger
 //! transaction; the transaction only applies the buffered overlay.
