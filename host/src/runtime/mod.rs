@@ -12,10 +12,10 @@
 //! [`HandlerModule::invoke`] runs one message in a fresh `Store` with memory
 //! and table limits and an epoch deadline; a [`Session`] runs a batch's
 //! messages one after another, in one instance for up to
-//! [`HandlerLimits::messages_per_instance`] of them (1 by default). The handler's state writes, outbox
-//! emits and log lines are buffered in an [`Overlay`] that is returned to the
-//! caller, who commits it (or throws it away) — guest code never runs inside a
-//! ledger transaction.
+//! [`HandlerLimits::messages_per_instance`] of them (1 by default). The
+//! handler's state writes, outbox emits and log lines are buffered in an
+//! [`Overlay`] that is returned to the caller, who commits it (or throws it
+//! away) — guest code never runs inside a ledger transaction.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
