@@ -1180,7 +1180,7 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
         );
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
-        let _result = threadpool::spawn(move || {
+        let write = move || {
             if let Err(e) = iobufs.write_to_log(&iobuf) {
                 error!(
                     "hit error while writing iobuf with lsn {}: {:?}",
@@ -1199,10 +1199,20 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
 
                 let _notified = iobufs.interval_updated.notify_all();
             }
-        })?;
+        };
+        if from_reserve {
+            let _result = threadpool::spawn(write)?;
 
-        #[cfg(feature = "event_log")]
-        _result.wait();
+            #[cfg(feature = "event_log")]
+            _result.wait();
+        } else {
+            // ordo patch (PATCHES.md, 3): sealed by a flush (or a batch
+            // roll), whose caller waits for this very write: do it here
+            // rather than hand it to the pool and sleep until a pool
+            // thread has. An error is stored and signalled as above, and
+            // the caller's wait loop returns it.
+            write();
+        }
 
         Ok(())
     } else {
