@@ -465,6 +465,42 @@ fn core_module_and_garbage_are_rejected_clearly() {
     assert_counter_works(&runtime);
 }
 
+/// Used instances are dropped by the reaper when it gets a core; the ones
+/// it holds keep their pool slots until then, and must never leave a
+/// message without an instance. As many threads as the runtime runs at
+/// once (more than the cores, so the idle-priority reaper rarely runs)
+/// each run fresh messages back to back: every one succeeds.
+#[test]
+fn used_instances_waiting_to_be_dropped_never_take_a_message_slot() {
+    const AT_ONCE: u32 = 4;
+    let runtime = Runtime::new(RuntimeConfig {
+        max_concurrent_instances: AT_ONCE,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let module = counter(&runtime);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..AT_ONCE)
+            .map(|t| {
+                let module = module.clone();
+                scope.spawn(move || {
+                    let key = format!("k{t}");
+                    for seq in 1..=300u64 {
+                        let msg = message(&key, seq, &format!(r#"{{"seq":{seq}}}"#));
+                        let (inv, _) = module.invoke(&msg, Box::new(MemoryState::default()));
+                        assert_eq!(inv.outcome, Ok(()), "thread {t}, message {seq}");
+                        assert!(inv.fresh_instance);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("worker thread");
+        }
+    });
+    assert_counter_works(&runtime);
+}
+
 #[test]
 fn compiled_artifacts_are_cached_on_disk() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -489,7 +525,13 @@ fn compiled_artifacts_are_cached_on_disk() {
     // A second runtime loads from the cache; a corrupt artifact is replaced.
     let second = Runtime::new(config.clone()).expect("runtime");
     assert_counter_works(&second);
-    std::fs::write(&files[0], b"corrupt").expect("corrupt artifact");
+    // Replaced, not rewritten in place: the second runtime still maps the
+    // file (instances it ran may be waiting for the reaper), and a mapped
+    // file cut short faults its readers, which is why the cache itself
+    // only ever renames new files into place.
+    let corrupt = files[0].with_extension("corrupt");
+    std::fs::write(&corrupt, b"corrupt").expect("corrupt artifact");
+    std::fs::rename(&corrupt, &files[0]).expect("corrupt artifact in place");
     let third = Runtime::new(config).expect("runtime");
     assert_counter_works(&third);
     assert!(std::fs::read(&files[0]).expect("artifact").len() > 1000);

@@ -13,6 +13,7 @@ use super::bindings::{Handler, HandlerPre};
 use super::cache::ArtifactCache;
 use super::host::{HandlerModule, HostState};
 use super::imports::check_import;
+use super::reaper::Reaper;
 use super::{HandlerLimits, LoadError};
 
 /// Process-wide sandbox settings. Per-handler limits are in [`HandlerLimits`].
@@ -20,8 +21,9 @@ use super::{HandlerLimits, LoadError};
 pub struct RuntimeConfig {
     /// Where compiled components are cached; `None` disables the disk cache.
     pub cache_dir: Option<PathBuf>,
-    /// Instances that may exist at once (pooling allocator slots). Callers
-    /// must not run more invocations concurrently than this.
+    /// Invocations that may run at once. The pooling allocator has this
+    /// many slots plus the reaper's (used instances waiting to be
+    /// dropped); callers must not run more invocations concurrently.
     pub max_concurrent_instances: u32,
     /// Upper bound of any handler's memory limit (size of a pool slot).
     pub max_memory_bytes: usize,
@@ -60,6 +62,7 @@ struct Inner {
     cache: Option<ArtifactCache>,
     config: RuntimeConfig,
     ticker_stop: Arc<AtomicBool>,
+    reaper: Reaper,
 }
 
 impl Drop for Inner {
@@ -72,14 +75,19 @@ impl Runtime {
     /// Builds the engine (component model, pooling allocator, epoch
     /// interruption, bounded stack) and the linker, and starts the epoch ticker.
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        // Room for the instances that run at once and for the used ones
+        // the reaper holds until it has dropped them.
+        let slots = config
+            .max_concurrent_instances
+            .saturating_add(super::reaper::QUEUE as u32);
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(config.max_concurrent_instances)
-            .total_core_instances(config.max_concurrent_instances * 16)
-            .total_memories(config.max_concurrent_instances * 4)
-            .total_tables(config.max_concurrent_instances * 8)
-            .total_stacks(config.max_concurrent_instances)
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 16)
+            .total_memories(slots * 4)
+            .total_tables(slots * 8)
+            .total_stacks(slots)
             .max_memory_size(config.max_memory_bytes)
-            .max_unused_warm_slots(config.max_concurrent_instances)
+            .max_unused_warm_slots(slots)
             .linear_memory_keep_resident(2 << 20)
             .table_keep_resident(64 << 10)
             // Reset only the pages an instance dirtied (Linux ≥ 6.7), not
@@ -119,6 +127,8 @@ impl Runtime {
                 })?;
         }
 
+        let reaper = Reaper::start()?;
+
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
@@ -126,6 +136,7 @@ impl Runtime {
                 cache,
                 config,
                 ticker_stop,
+                reaper,
             }),
         })
     }
@@ -133,6 +144,11 @@ impl Runtime {
     /// The runtime's configuration.
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// Where used instances are dropped (see `reaper.rs`).
+    pub(crate) fn reaper(&self) -> &Reaper {
+        &self.inner.reaper
     }
 
     /// Validates and compiles a handler component.

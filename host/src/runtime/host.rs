@@ -399,8 +399,9 @@ impl log::Host for HostState {
 pub struct HandlerModule {
     pre: HandlerPre<HostState>,
     /// Keeps the runtime, and with it the epoch ticker that enforces
-    /// deadlines, alive as long as a module of it can run.
-    _runtime: super::Runtime,
+    /// deadlines, alive as long as a module of it can run; its reaper
+    /// drops used instances.
+    runtime: super::Runtime,
     content_hash: Arc<str>,
     size: usize,
     limits: Arc<HandlerLimits>,
@@ -429,7 +430,7 @@ impl HandlerModule {
         let deadline_ticks = limits.deadline().as_nanos().div_ceil(tick_ns).max(1) as u64;
         HandlerModule {
             pre,
-            _runtime: runtime,
+            runtime,
             content_hash: content_hash.into(),
             size,
             limits: Arc::new(limits),
@@ -676,7 +677,10 @@ impl Session<'_> {
                     messages,
                 })
             }
-            _ => drop(store),
+            // Its output sinks may still hold a line to log: dropped here,
+            // in order with the message's other lines.
+            _ if host.wasi.is_some() => drop(store),
+            _ => module.runtime.reaper().reap(store),
         }
         let invocation = Invocation {
             outcome,

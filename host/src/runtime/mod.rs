@@ -39,6 +39,7 @@ mod error;
 mod host;
 mod imports;
 mod limits;
+mod reaper;
 mod stdio;
 
 pub use bindings::ordo::handler::log::Level;
