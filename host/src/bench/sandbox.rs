@@ -87,6 +87,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let n = args.iterations.max(100);
     let empty = message(b"{}".to_vec());
     let kib = message(vec![b'x'; 1024]);
+    let big = message(vec![b'x'; 64 << 10]);
     let counter_msg = message(br#"{"seq":1}"#.to_vec());
 
     // Warm-up: page in code, fill the pool's warm slots.
@@ -105,6 +106,10 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
         Row {
             case: "fresh instance + call, no-op, 1 KiB payload",
             samples: fresh(&noop, &kib, n)?,
+        },
+        Row {
+            case: "fresh instance + call, no-op, 64 KiB payload (the guest's memory grows)",
+            samples: fresh(&noop, &big, n)?,
         },
         Row {
             case: "fresh instance + call, counter handler",
