@@ -1206,11 +1206,12 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
             #[cfg(feature = "event_log")]
             _result.wait();
         } else {
-            // ordo patch (PATCHES.md, 3): sealed by a flush (or a batch
-            // roll), whose caller waits for this very write: do it here
-            // rather than hand it to the pool and sleep until a pool
-            // thread has. An error is stored and signalled as above, and
-            // the caller's wait loop returns it.
+            // ordo patch (PATCHES.md, 3): sealed by a flush, whose
+            // caller waits for this very write (or by sled's periodic
+            // flush thread, or a batch's roll, which ordo never uses):
+            // do it here rather than hand it to the pool and sleep until
+            // a pool thread has. An error is stored and signalled as
+            // above, and a flush's wait loop returns it.
             write();
         }
 
