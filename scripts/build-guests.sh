@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Builds every Rust handler under handlers/rust/* into target/handlers/<name>.wasm
-# (WebAssembly components for wasm32-wasip2). Installs the guest toolchain when
-# it is missing: the rustup target if rustup can add it, otherwise Debian's
-# rustc-web (which ships the std sources) with -Zbuild-std.
+# Builds every Rust handler under handlers/rust/* into target/handlers/<name>.wasm:
+# WebAssembly components for wasm32-unknown-unknown, linked by
+# wasm-component-ld, which import ordo's interfaces and no WASI. `noop` and
+# `counter` are also built for wasm32-wasip2 (target/handlers/<name>-wasip2.wasm),
+# the target a handler that needs WASI uses: the sandbox benchmark and the
+# conformance tests run both builds.
+# Installs the guest toolchain when it is missing: the rustup targets if
+# rustup can add them, otherwise Debian's rustc-web (which ships the std
+# sources and wasm-component-ld) with -Zbuild-std.
 # Incremental: a second run only rebuilds what changed.
 set -euo pipefail
 
@@ -35,62 +40,93 @@ debian_toolchain_present() {
     && [ -d "$(/usr/bin/rustc --print sysroot)/lib/rustlib/src/rust/library" ]
 }
 
+rustup_targets() {
+  command -v rustup >/dev/null 2>&1 || return 1
+  local t
+  for t in wasm32-unknown-unknown wasm32-wasip2; do
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$t"; then
+      rustup target add "$t" >/dev/null 2>&1 || return 1
+      echo "build-guests: installed rustup target $t"
+    fi
+  done
+}
+
 mode="${ORDO_GUEST_TOOLCHAIN:-}"  # rustup | debian | empty = detect
 if [ -n "$mode" ]; then :
-elif command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
-  mode=rustup
-elif command -v rustup >/dev/null 2>&1 && rustup target add wasm32-wasip2 >/dev/null 2>&1; then
-  echo "build-guests: installed rustup target wasm32-wasip2"
+elif rustup_targets; then
   mode=rustup
 elif debian_toolchain_present; then
   mode=debian
 else
-  echo "build-guests: rustup cannot provide wasm32-wasip2 here; installing Debian's rustc-web toolchain (std sources, wasi-libc, lld)"
+  echo "build-guests: rustup cannot provide the wasm32 targets here; installing Debian's rustc-web toolchain (std sources, wasi-libc, lld)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     rustc-web cargo-web rust-web-src rust-web-llvm wasi-libc lld >/dev/null
   if ! debian_toolchain_present; then
-    echo "build-guests: FAILED: no wasm32-wasip2 toolchain (rustup target unavailable, Debian rustc-web install incomplete)" >&2
+    echo "build-guests: FAILED: no wasm32 toolchain (rustup targets unavailable, Debian rustc-web install incomplete)" >&2
     exit 1
   fi
   mode=debian
 fi
 
+case "$mode" in
+  rustup) rustc_bin=rustc ;;
+  debian) rustc_bin=/usr/bin/rustc ;;
+  *) echo "build-guests: ORDO_GUEST_TOOLCHAIN must be rustup or debian, not '$mode'" >&2; exit 1 ;;
+esac
+# wasm-component-ld ships with the toolchain (it is wasm32-wasip2's linker);
+# for wasm32-unknown-unknown it is named explicitly.
+host_triple="$("$rustc_bin" -vV | sed -n 's/^host: //p')"
+component_ld=""
+for candidate in "$("$rustc_bin" --print sysroot)/lib/rustlib/$host_triple/bin/wasm-component-ld" \
+                 "$(command -v wasm-component-ld || true)"; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ]; then component_ld="$candidate"; break; fi
+done
+if [ -z "$component_ld" ]; then
+  echo "build-guests: FAILED: no wasm-component-ld beside $rustc_bin (it comes with the wasm32-wasip2 target)" >&2
+  exit 1
+fi
+export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$component_ld"
+
+# The wasm32-wasip2 builds (see the header).
+wasip2_packages=(noop counter)
+wasip2_args=()
+for p in "${wasip2_packages[@]}"; do wasip2_args+=(-p "$p"); done
+
 start=$(date +%s)
 case "$mode" in
   rustup)
-    cargo build --target wasm32-wasip2 --profile guest "${pkg_args[@]}"
+    cargo build --target wasm32-unknown-unknown --profile guest "${pkg_args[@]}"
+    cargo build --target wasm32-wasip2 --profile guest "${wasip2_args[@]}"
     ;;
   debian)
     RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+      /usr/bin/cargo build -Zbuild-std=std,panic_abort --target wasm32-unknown-unknown \
+      --profile guest "${pkg_args[@]}"
+    RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
     RUSTFLAGS="-C link-self-contained=no -L native=/usr/lib/wasm32-wasi" \
       /usr/bin/cargo build -Zbuild-std=std,panic_abort --target wasm32-wasip2 \
-      --profile guest "${pkg_args[@]}"
+      --profile guest "${wasip2_args[@]}"
     ;;
 esac
 
-# The SDK also builds for wasm32-unknown-unknown where the toolchain has it
-# (handlers themselves are wasm32-wasip2 components).
-if [ "$mode" = rustup ]; then
-  if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown \
-     || rustup target add wasm32-unknown-unknown >/dev/null 2>&1; then
-    cargo build --target wasm32-unknown-unknown --profile guest -p ordo-guest
-    echo "build-guests: ordo-guest also builds for wasm32-unknown-unknown"
-  else
-    echo "build-guests: wasm32-unknown-unknown is not available from rustup here; SDK check skipped"
-  fi
-fi
-
-for p in "${packages[@]}"; do
-  artifact="$CARGO_TARGET_DIR/wasm32-wasip2/guest/${p//-/_}.wasm"
+# Copies a build's artifact to target/handlers/<name>.wasm if it changed.
+install_handler() {
+  local artifact="$1" name="$2"
   if [ ! -f "$artifact" ]; then
     echo "build-guests: expected $artifact after the build" >&2
     exit 1
   fi
-  if ! cmp -s "$artifact" "$out/$p.wasm"; then
-    cp "$artifact" "$out/$p.wasm.tmp" && mv "$out/$p.wasm.tmp" "$out/$p.wasm"
+  if ! cmp -s "$artifact" "$out/$name.wasm"; then
+    cp "$artifact" "$out/$name.wasm.tmp" && mv "$out/$name.wasm.tmp" "$out/$name.wasm"
   fi
-  printf 'build-guests: %-14s %8d bytes  %s\n' "$p" "$(stat -c %s "$out/$p.wasm")" "target/handlers/$p.wasm"
+  printf 'build-guests: %-14s %8d bytes  %s\n' "$name" "$(stat -c %s "$out/$name.wasm")" "target/handlers/$name.wasm"
+}
+for p in "${packages[@]}"; do
+  install_handler "$CARGO_TARGET_DIR/wasm32-unknown-unknown/guest/${p//-/_}.wasm" "$p"
+done
+for p in "${wasip2_packages[@]}"; do
+  install_handler "$CARGO_TARGET_DIR/wasm32-wasip2/guest/${p//-/_}.wasm" "$p-wasip2"
 done
 echo "build-guests: done in $(( $(date +%s) - start ))s ($mode toolchain)"
 

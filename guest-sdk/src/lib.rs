@@ -7,8 +7,20 @@
 //! message's idempotency record and source position — or not at all, if the
 //! handler returns an error or traps.
 //!
-//! Build for `wasm32-wasip2` (the output is already a component) and deploy
-//! the `.wasm` with `ordo deploy`.
+//! Build for `wasm32-unknown-unknown`, linked by `wasm-component-ld` (the
+//! output is then a component that imports nothing but ordo's own
+//! interfaces), or for `wasm32-wasip2`, and deploy the `.wasm` with `ordo
+//! deploy`. `scripts/build-guests.sh` does the former: a fresh instance of
+//! such a component costs about half as much as a `wasm32-wasip2` one
+//! (`ordo bench sandbox`). Build for `wasm32-wasip2` if the handler needs
+//! what std takes from WASI there: clocks, randomness, `print!` to the host
+//! log. On `wasm32-unknown-unknown`, `std::time::Instant::now()` panics and
+//! `print!` writes nowhere; log with [`info!`] and the other macros.
+//!
+//! On `wasm32-unknown-unknown` this crate sets the global allocator: Rust's
+//! own one there grows the memory on the first allocation of every fresh
+//! instance, which the host pays for twice. Either way a panic is logged
+//! at error level, with its message and location, before the trap.
 //!
 //! Keep everything a message needs in [`state`]: each message runs in a
 //! fresh instance, so statics start from their initial values every time.
@@ -57,6 +69,9 @@
 
 #![warn(missing_docs)]
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+mod heap;
+
 #[doc(hidden)]
 pub mod bindings {
     #![allow(missing_docs, clippy::too_many_arguments)]
@@ -93,12 +108,28 @@ macro_rules! export_handler {
                 fn handle(
                     msg: $crate::Message,
                 ) -> ::core::result::Result<(), $crate::HandlerError> {
+                    $crate::__log_panics();
                     <$ty as $crate::Handler>::handle(msg)
                 }
             }
             $crate::bindings::__export_handler_world!(__OrdoHandlerExport with_types_in $crate::bindings);
         };
     };
+}
+
+/// Makes a panic log its message and location through [`log`] before it
+/// traps (once per instance: a reused instance keeps the hook). On
+/// `wasm32-unknown-unknown` std prints a panic nowhere, and on
+/// `wasm32-wasip2` to stderr, which the host caps with the rest of stdio.
+#[doc(hidden)]
+pub fn __log_panics() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    if !HOOKED.swap(true, Ordering::Relaxed) {
+        std::panic::set_hook(Box::new(|info| {
+            log::write(log::Level::Error, &format!("handler {info}"));
+        }));
+    }
 }
 
 impl HandlerError {

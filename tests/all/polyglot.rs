@@ -485,6 +485,7 @@ macro_rules! languages {
 
 languages! {
     rust_counter_conforms: "rust" => "counter",
+    rust_wasip2_counter_conforms: "rust (wasm32-wasip2)" => "counter-wasip2",
     c_counter_conforms: "c" => "c-counter",
     python_counter_conforms: "python" => "python-counter",
     js_counter_conforms: "js" => "js-counter",
@@ -560,6 +561,7 @@ fn every_language_leaves_the_same_state_in_reused_instances() {
     };
     for component in [
         "counter",
+        "counter-wasip2",
         "c-counter",
         "zig-counter",
         "go-counter",

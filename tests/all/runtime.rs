@@ -415,6 +415,72 @@ fn trap_is_reported() {
     assert_counter_works(&runtime);
 }
 
+/// The SDK logs a Rust handler's panic, message and location, before the
+/// trap, whichever target it was built for.
+#[test]
+fn a_rust_handlers_panic_is_logged_with_its_message() {
+    let runtime = runtime();
+    for name in ["counter", "counter-wasip2"] {
+        let module = runtime
+            .load(&handler_bytes(name), HandlerLimits::default())
+            .expect("loads");
+        let mut state = MemoryState::default();
+        let inv = run(
+            &module,
+            &mut state,
+            &message("k", 7, r#"{"seq":7,"fail":"trap"}"#),
+        );
+        let failure = inv.outcome.expect_err("a trap");
+        assert_eq!(failure.kind, FailureKind::Trap, "{name}: {failure}");
+        let line = inv
+            .overlay
+            .logs
+            .iter()
+            .find(|l| l.message.contains("seq 7: asked to trap"))
+            .unwrap_or_else(|| panic!("{name}: no panic line in {:?}", inv.overlay.logs));
+        assert_eq!(line.level, ordo::runtime::Level::Error, "{name}");
+        assert!(
+            line.message.contains("panicked at") && line.message.contains(".rs:"),
+            "{name}: {}",
+            line.message
+        );
+    }
+}
+
+/// Rust handlers are built for `wasm32-unknown-unknown`: they import no
+/// WASI, and the SDK's allocator serves a message from the initial memory,
+/// so that a fresh instance does not grow it (which costs about as much
+/// again). The `wasm32-wasip2` build of the no-op shows what that avoids.
+#[test]
+fn rust_handlers_import_no_wasi_and_fit_their_initial_memory() {
+    let runtime = runtime();
+    for name in ["noop", "counter", "counter-fixed", "bank"] {
+        let bytes = handler_bytes(name);
+        assert!(
+            !bytes.windows(5).any(|w| w == b"wasi:"),
+            "{name} imports WASI"
+        );
+    }
+    assert!(handler_bytes("noop-wasip2")
+        .windows(5)
+        .any(|w| w == b"wasi:"));
+
+    let big = "x".repeat(256 << 10);
+    let cases = [
+        ("noop", big.as_str(), false),
+        ("counter", r#"{"seq":1}"#, false),
+        ("noop-wasip2", big.as_str(), true),
+    ];
+    for (name, payload, grows) in cases {
+        let module = runtime
+            .load(&handler_bytes(name), HandlerLimits::default())
+            .expect("loads");
+        let (inv, _) = module.invoke(&message("k", 1, payload), Box::new(MemoryState::default()));
+        assert_eq!(inv.outcome, Ok(()), "{name}");
+        assert_eq!(inv.memory_grew, grows, "{name}");
+    }
+}
+
 #[test]
 fn forbidden_import_is_rejected_by_name() {
     let runtime = runtime();

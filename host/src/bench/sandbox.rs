@@ -11,7 +11,8 @@ use crate::runtime::{HandlerLimits, HandlerModule, MemoryState, Message, Runtime
 /// Options of `ordo bench sandbox`.
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
-    /// Directory holding `noop.wasm` and `counter.wasm` (built by scripts/build-guests.sh).
+    /// Directory holding `noop.wasm`, `counter.wasm` and their
+    /// `-wasip2` builds (built by scripts/build-guests.sh).
     #[arg(long, default_value = "target/handlers")]
     handlers_dir: PathBuf,
     /// Calls per case.
@@ -25,6 +26,8 @@ pub struct SandboxArgs {
 struct Row {
     case: &'static str,
     samples: Vec<Duration>,
+    /// Calls whose instance's memory grew past its initial size.
+    grew: usize,
 }
 
 impl Row {
@@ -64,19 +67,31 @@ fn load(runtime: &Runtime, dir: &std::path::Path, name: &str) -> anyhow::Result<
     Ok(runtime.load(&bytes, HandlerLimits::default())?)
 }
 
-fn fresh(module: &HandlerModule, msg: &Message, n: usize) -> anyhow::Result<Vec<Duration>> {
+/// Runs `n` messages, each in a fresh instance.
+fn fresh(
+    case: &'static str,
+    module: &HandlerModule,
+    msg: &Message,
+    n: usize,
+) -> anyhow::Result<Row> {
     let mut samples = Vec::with_capacity(n);
+    let mut grew = 0;
     let mut state: Box<dyn crate::runtime::StateAccess> = Box::new(MemoryState::default());
     for _ in 0..n {
         let start = Instant::now();
         let (inv, s) = module.invoke(msg, state);
         samples.push(start.elapsed());
         state = s;
+        grew += usize::from(inv.memory_grew);
         if let Err(f) = inv.outcome {
-            anyhow::bail!("benchmark handler failed: {f}");
+            anyhow::bail!("benchmark handler failed ({case}): {f}");
         }
     }
-    Ok(samples)
+    Ok(Row {
+        case,
+        samples,
+        grew,
+    })
 }
 
 /// Runs the sandbox benchmark and records it.
@@ -84,6 +99,8 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let noop = load(&runtime, &args.handlers_dir, "noop")?;
     let counter = load(&runtime, &args.handlers_dir, "counter")?;
+    let noop_wasip2 = load(&runtime, &args.handlers_dir, "noop-wasip2")?;
+    let counter_wasip2 = load(&runtime, &args.handlers_dir, "counter-wasip2")?;
     let n = args.iterations.max(100);
     let empty = message(b"{}".to_vec());
     let kib = message(vec![b'x'; 1024]);
@@ -91,46 +108,75 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let counter_msg = message(br#"{"seq":1}"#.to_vec());
 
     // Warm-up: page in code, fill the pool's warm slots.
-    fresh(&noop, &empty, 1_000)?;
+    fresh("warm-up", &noop, &empty, 1_000)?;
+    fresh("warm-up", &noop_wasip2, &empty, 1_000)?;
 
     let warm = noop.bench_warm_calls(&empty, n)?;
     let rows = vec![
         Row {
             case: "warm call, no-op handler (instance reused)",
             samples: warm,
+            grew: 0,
         },
-        Row {
-            case: "fresh instance + call, no-op handler",
-            samples: fresh(&noop, &empty, n)?,
-        },
-        Row {
-            case: "fresh instance + call, no-op, 1 KiB payload",
-            samples: fresh(&noop, &kib, n)?,
-        },
-        Row {
-            case: "fresh instance + call, no-op, 64 KiB payload (the guest's memory grows)",
-            samples: fresh(&noop, &big, n)?,
-        },
-        Row {
-            case: "fresh instance + call, counter handler",
-            samples: fresh(&counter, &counter_msg, n)?,
-        },
+        fresh("fresh instance + call, no-op handler", &noop, &empty, n)?,
+        fresh(
+            "fresh instance + call, no-op, 1 KiB payload",
+            &noop,
+            &kib,
+            n,
+        )?,
+        fresh(
+            "fresh instance + call, no-op, 64 KiB payload",
+            &noop,
+            &big,
+            n,
+        )?,
+        fresh(
+            "fresh instance + call, counter handler",
+            &counter,
+            &counter_msg,
+            n,
+        )?,
+        fresh(
+            "fresh instance + call, no-op built for wasm32-wasip2",
+            &noop_wasip2,
+            &empty,
+            n,
+        )?,
+        fresh(
+            "fresh instance + call, no-op built for wasm32-wasip2, 64 KiB payload",
+            &noop_wasip2,
+            &big,
+            n,
+        )?,
+        fresh(
+            "fresh instance + call, counter built for wasm32-wasip2",
+            &counter_wasip2,
+            &counter_msg,
+            n,
+        )?,
     ];
 
-    let mut table = String::from("| case | mean µs | p50 µs | p99 µs |\n|---|---:|---:|---:|\n");
+    let mut table = String::from(
+        "| case | mean µs | p50 µs | p99 µs | memory grew |\n|---|---:|---:|---:|---:|\n",
+    );
     for r in &rows {
         table.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.0} % |\n",
             r.case,
             r.mean(),
             r.pct(0.5),
-            r.pct(0.99)
+            r.pct(0.99),
+            100.0 * r.grew as f64 / r.samples.len().max(1) as f64
         ));
     }
     println!("{table}");
     let body = format!(
         "## Sandbox cost per message\n\n{}; {n} calls per case, pooling allocator, \
-         1 s epoch deadline, 64 MiB memory limit.\nReproduce: `scripts/build-guests.sh && \
+         1 s epoch deadline, 64 MiB memory limit. The handlers are Rust, built for \
+         `wasm32-unknown-unknown` (no WASI imports) unless the case says \
+         `wasm32-wasip2`; memory grew: the share of calls whose instance grew \
+         its memory past its initial size.\nReproduce: `scripts/build-guests.sh && \
          cargo run --release -- bench sandbox`.\n\n{table}",
         super::machine_summary()
     );

@@ -88,6 +88,7 @@ impl Executor {
                     overlay,
                     elapsed: start.elapsed(),
                     fresh_instance: false,
+                    memory_grew: false,
                 };
                 (invocation, state)
             }

@@ -105,6 +105,12 @@ pub struct Invocation {
     /// kept from the message before, see [`Session`], or none could be
     /// made).
     pub fresh_instance: bool,
+    /// Whether the instance's memory had grown past its initial size when
+    /// the message ended (in a kept instance, earlier messages' growth
+    /// counts too). A fresh instance that grows costs about twice as much
+    /// (BENCHMARKS.md, item 21): a handler whose messages routinely grow
+    /// it should start with more memory (the Rust handler guide says how).
+    pub memory_grew: bool,
 }
 
 /// Enforces memory and table limits, remembering whether a limit was hit so
@@ -671,6 +677,7 @@ impl Session<'_> {
             overlay.writes.clear();
             overlay.emits.clear();
         }
+        let memory_grew = host.limiter.grew;
         let messages = messages + 1;
         let keep = outcome.is_ok()
             && host.wasi.is_none()
@@ -689,7 +696,7 @@ impl Session<'_> {
             // slot's protection back, which would then interrupt the
             // reaper's core as well (a TLB shootdown; measured, it doubled
             // the cost of such messages).
-            _ if host.wasi.is_some() || host.limiter.grew => drop(store),
+            _ if host.wasi.is_some() || memory_grew => drop(store),
             _ => module.runtime.reaper().reap(store),
         }
         let invocation = Invocation {
@@ -697,6 +704,7 @@ impl Session<'_> {
             overlay,
             elapsed: start.elapsed(),
             fresh_instance,
+            memory_grew,
         };
         (invocation, state, kept)
     }

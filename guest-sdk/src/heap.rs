@@ -1,0 +1,106 @@
+//! The allocator of handlers built for `wasm32-unknown-unknown`.
+//!
+//! Rust's own allocator on that target takes every byte it hands out from
+//! `memory.grow`, so a fresh instance grows its memory on its first
+//! allocation. Growing changes the protection of the instance's memory in
+//! the host, and the next instance in that memory slot changes it back: two
+//! `mprotect` calls and a TLB shootdown per message, which cost more than
+//! the instantiation itself. This allocator (dlmalloc, as Rust's) first
+//! hands out an arena that is part of the module's initial memory (zeroed
+//! `.bss`, nothing to copy), and grows memory only once that is used up.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
+use core::ptr;
+
+/// Bytes of the initial memory reserved for the heap.
+const ARENA_BYTES: usize = 512 << 10;
+const PAGE: usize = 64 << 10;
+
+#[repr(C, align(16))]
+struct Arena(UnsafeCell<[u8; ARENA_BYTES]>);
+
+// SAFETY: wasm32-unknown-unknown without the atomics feature has one thread.
+unsafe impl Sync for Arena {}
+
+static ARENA: Arena = Arena(UnsafeCell::new([0; ARENA_BYTES]));
+
+struct System {
+    arena_taken: UnsafeCell<bool>,
+}
+
+// SAFETY: one thread (see above).
+unsafe impl Send for System {}
+
+unsafe impl dlmalloc::Allocator for System {
+    fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
+        // SAFETY: one thread, and nothing else touches the flag.
+        let taken = unsafe { &mut *self.arena_taken.get() };
+        if !*taken && size <= ARENA_BYTES {
+            *taken = true;
+            return (ARENA.0.get().cast::<u8>(), ARENA_BYTES, 0);
+        }
+        let pages = size.div_ceil(PAGE);
+        let prev = core::arch::wasm32::memory_grow(0, pages);
+        if prev == usize::MAX {
+            return (ptr::null_mut(), 0, 0);
+        }
+        ((prev * PAGE) as *mut u8, pages * PAGE, 0)
+    }
+
+    fn remap(&self, _ptr: *mut u8, _old: usize, _new: usize, _can_move: bool) -> *mut u8 {
+        ptr::null_mut()
+    }
+
+    fn free_part(&self, _ptr: *mut u8, _old: usize, _new: usize) -> bool {
+        false
+    }
+
+    fn free(&self, _ptr: *mut u8, _size: usize) -> bool {
+        false
+    }
+
+    fn can_release_part(&self, _flags: u32) -> bool {
+        false
+    }
+
+    fn allocates_zeros(&self) -> bool {
+        true
+    }
+
+    fn page_size(&self) -> usize {
+        PAGE
+    }
+}
+
+/// The global allocator of a handler built for `wasm32-unknown-unknown`.
+pub struct Heap(UnsafeCell<dlmalloc::Dlmalloc<System>>);
+
+// SAFETY: one thread (see above).
+unsafe impl Sync for Heap {}
+
+#[global_allocator]
+static HEAP: Heap = Heap(UnsafeCell::new(dlmalloc::Dlmalloc::new_with_allocator(
+    System {
+        arena_taken: UnsafeCell::new(false),
+    },
+)));
+
+unsafe impl GlobalAlloc for Heap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: one thread; dlmalloc's contract is GlobalAlloc's.
+        unsafe { (*self.0.get()).malloc(layout.size(), layout.align()) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        unsafe { (*self.0.get()).calloc(layout.size(), layout.align()) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { (*self.0.get()).free(ptr, layout.size(), layout.align()) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        unsafe { (*self.0.get()).realloc(ptr, layout.size(), layout.align(), new_size) }
+    }
+}
