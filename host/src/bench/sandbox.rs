@@ -67,32 +67,36 @@ fn load(runtime: &Runtime, dir: &std::path::Path, name: &str) -> anyhow::Result<
     Ok(runtime.load(&bytes, HandlerLimits::default())?)
 }
 
-/// Runs `n` messages, each in a fresh instance.
+/// Runs `warm` and then `n` messages, each in a fresh instance, adding the
+/// `n` to `row`. The unrecorded ones let the pool's slots settle on the
+/// module after another case's (the reaper holds up to 16 used stores).
 fn fresh(
-    case: &'static str,
+    row: &mut Row,
     module: &HandlerModule,
     msg: &Message,
+    warm: usize,
     n: usize,
-) -> anyhow::Result<Row> {
-    let mut samples = Vec::with_capacity(n);
-    let mut grew = 0;
+) -> anyhow::Result<()> {
     let mut state: Box<dyn crate::runtime::StateAccess> = Box::new(MemoryState::default());
-    for _ in 0..n {
+    for i in 0..warm + n {
         let start = Instant::now();
         let (inv, s) = module.invoke(msg, state);
-        samples.push(start.elapsed());
+        let elapsed = start.elapsed();
         state = s;
-        grew += usize::from(inv.memory_grew);
         if let Err(f) = inv.outcome {
-            anyhow::bail!("benchmark handler failed ({case}): {f}");
+            anyhow::bail!("benchmark handler failed ({}): {f}", row.case);
+        }
+        if i >= warm {
+            row.samples.push(elapsed);
+            row.grew += usize::from(inv.memory_grew);
         }
     }
-    Ok(Row {
-        case,
-        samples,
-        grew,
-    })
+    Ok(())
 }
+
+/// Rounds each case's calls are split into, the cases taking turns, so
+/// that a slow spell of a shared machine falls on every case alike.
+const ROUNDS: usize = 20;
 
 /// Runs the sandbox benchmark and records it.
 pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
@@ -101,61 +105,71 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let counter = load(&runtime, &args.handlers_dir, "counter")?;
     let noop_wasip2 = load(&runtime, &args.handlers_dir, "noop-wasip2")?;
     let counter_wasip2 = load(&runtime, &args.handlers_dir, "counter-wasip2")?;
-    let n = args.iterations.max(100);
+    let n = args.iterations.max(ROUNDS * 5);
     let empty = message(b"{}".to_vec());
     let kib = message(vec![b'x'; 1024]);
     let big = message(vec![b'x'; 64 << 10]);
     let counter_msg = message(br#"{"seq":1}"#.to_vec());
 
-    // Warm-up: page in code, fill the pool's warm slots.
-    fresh("warm-up", &noop, &empty, 1_000)?;
-    fresh("warm-up", &noop_wasip2, &empty, 1_000)?;
-
-    let warm = noop.bench_warm_calls(&empty, n)?;
-    let rows = vec![
-        Row {
-            case: "warm call, no-op handler (instance reused)",
-            samples: warm,
-            grew: 0,
-        },
-        fresh("fresh instance + call, no-op handler", &noop, &empty, n)?,
-        fresh(
+    // `None`: warm calls of the no-op (one instance, reused).
+    let cases: [(&'static str, Option<&HandlerModule>, &Message); 8] = [
+        ("warm call, no-op handler (instance reused)", None, &empty),
+        ("fresh instance + call, no-op handler", Some(&noop), &empty),
+        (
             "fresh instance + call, no-op, 1 KiB payload",
-            &noop,
+            Some(&noop),
             &kib,
-            n,
-        )?,
-        fresh(
+        ),
+        (
             "fresh instance + call, no-op, 64 KiB payload",
-            &noop,
+            Some(&noop),
             &big,
-            n,
-        )?,
-        fresh(
+        ),
+        (
             "fresh instance + call, counter handler",
-            &counter,
+            Some(&counter),
             &counter_msg,
-            n,
-        )?,
-        fresh(
+        ),
+        (
             "fresh instance + call, no-op built for wasm32-wasip2",
-            &noop_wasip2,
+            Some(&noop_wasip2),
             &empty,
-            n,
-        )?,
-        fresh(
+        ),
+        (
             "fresh instance + call, no-op built for wasm32-wasip2, 64 KiB payload",
-            &noop_wasip2,
+            Some(&noop_wasip2),
             &big,
-            n,
-        )?,
-        fresh(
+        ),
+        (
             "fresh instance + call, counter built for wasm32-wasip2",
-            &counter_wasip2,
+            Some(&counter_wasip2),
             &counter_msg,
-            n,
-        )?,
+        ),
     ];
+    let mut rows: Vec<Row> = cases
+        .iter()
+        .map(|(case, _, _)| Row {
+            case,
+            samples: Vec::with_capacity(n),
+            grew: 0,
+        })
+        .collect();
+
+    // Warm-up: page in code, fill the pool's warm slots.
+    for (row, (_, module, msg)) in rows.iter_mut().zip(&cases) {
+        if let Some(module) = module {
+            fresh(row, module, msg, 500, 0)?;
+        }
+    }
+    let per_round = n / ROUNDS;
+    for _ in 0..ROUNDS {
+        for (row, (_, module, msg)) in rows.iter_mut().zip(&cases) {
+            match module {
+                Some(module) => fresh(row, module, msg, 50, per_round)?,
+                None => row.samples.extend(noop.bench_warm_calls(msg, per_round)?),
+            }
+        }
+    }
 
     let mut table = String::from(
         "| case | mean µs | p50 µs | p99 µs | memory grew |\n|---|---:|---:|---:|---:|\n",
@@ -172,13 +186,15 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<()> {
     }
     println!("{table}");
     let body = format!(
-        "## Sandbox cost per message\n\n{}; {n} calls per case, pooling allocator, \
+        "## Sandbox cost per message\n\n{}; {} calls per case in {ROUNDS} rounds (the cases \
+         take turns), pooling allocator, \
          1 s epoch deadline, 64 MiB memory limit. The handlers are Rust, built for \
          `wasm32-unknown-unknown` (no WASI imports) unless the case says \
          `wasm32-wasip2`; memory grew: the share of calls whose instance grew \
          its memory past its initial size.\nReproduce: `scripts/build-guests.sh && \
          cargo run --release -- bench sandbox`.\n\n{table}",
-        super::machine_summary()
+        super::machine_summary(),
+        per_round * ROUNDS
     );
     super::record_section(&args.output, "sandbox", &body)?;
     println!("recorded in {}", args.output.display());
