@@ -1448,6 +1448,11 @@ impl Host {
             self.metrics.instances.clone(),
         );
         reg.register(
+            "handler_memory_grown",
+            "Instances whose memory a message grew past its initial size (each costs about twice a fresh instance's price: give the handler more initial memory)",
+            self.metrics.memory_grown.clone(),
+        );
+        reg.register(
             "batch_messages",
             "Messages per committed lane transaction",
             self.metrics.batch_messages.clone(),

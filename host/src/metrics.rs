@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Sandbox instances created, per handler: one per message unless
     /// the handler reuses instances (`messages_per_instance`).
     pub instances: Family<HandlerLabel, Counter>,
+    /// Instances whose memory a message grew past its initial size, per
+    /// handler: each costs about twice a fresh instance's price.
+    pub memory_grown: Family<HandlerLabel, Counter>,
     /// Messages (and replays) per committed lane batch, per handler.
     pub batch_messages: HistogramFamily<HandlerLabel>,
 }
@@ -62,6 +65,7 @@ impl Default for Metrics {
         Metrics {
             handler_seconds: Family::new_with_constructor(seconds_histogram),
             instances: Family::default(),
+            memory_grown: Family::default(),
             batch_messages: Family::new_with_constructor(batch_histogram),
         }
     }

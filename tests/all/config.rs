@@ -262,8 +262,9 @@ async fn a_message_taking_its_keys_state_past_the_limit_is_dead_lettered() {
 /// `messages_per_instance` lets an instance run several messages of a lane
 /// batch: the counter reports instances that ran more than one message,
 /// every key's state is what one instance per message would have left, a
-/// failed message is dead-lettered as before, and the setting is part of
-/// the version, read back after a restart.
+/// failed message is dead-lettered as before, an instance whose memory a
+/// message grew is counted once, and the setting is part of the version,
+/// read back after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_per_instance_reuses_instances_within_a_batch() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -277,6 +278,10 @@ async fn messages_per_instance_reuses_instances_within_a_batch() {
             let fail = k == 0 && seq == 20;
             let payload = if fail {
                 json!({"seq": seq, "fail": "permanent"})
+            } else if k == 1 && seq == 10 {
+                // 1 MiB kept allocated: more than the SDK's heap arena,
+                // so the instance's memory grows, once.
+                json!({"seq": seq, "report_instance": true, "leak_kib": 1024})
             } else {
                 json!({"seq": seq, "report_instance": true})
             };
@@ -328,6 +333,11 @@ async fn messages_per_instance_reuses_instances_within_a_batch() {
     assert!(
         instances >= 1.0 && instances < calls,
         "{instances} instances for {calls} calls"
+    );
+    assert_eq!(
+        metric(&server, &format!("ordo_handler_memory_grown_total{h}")).await,
+        Some(1.0),
+        "the one message that outgrew the heap"
     );
     let versions = restarted_with_one_version(&mut server).await;
     assert_eq!(

@@ -738,6 +738,9 @@ impl<'a> Builder<'a> {
         if invocation.fresh_instance {
             ctx.metrics.instances.get_or_create(&ctx.label).inc();
         }
+        if invocation.memory_grew {
+            ctx.metrics.memory_grown.get_or_create(&ctx.label).inc();
+        }
         let outcome = match (
             invocation.outcome,
             runnable.module.max_state_bytes_per_key(),

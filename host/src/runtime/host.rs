@@ -105,11 +105,11 @@ pub struct Invocation {
     /// kept from the message before, see [`Session`], or none could be
     /// made).
     pub fresh_instance: bool,
-    /// Whether the instance's memory had grown past its initial size when
-    /// the message ended (in a kept instance, earlier messages' growth
-    /// counts too). A fresh instance that grows costs about twice as much
-    /// (BENCHMARKS.md, item 21): a handler whose messages routinely grow
-    /// it should start with more memory (the Rust handler guide says how).
+    /// Whether this message grew the instance's memory past its initial
+    /// size (in a kept instance: for the first time). A fresh instance
+    /// that grows costs about twice as much (BENCHMARKS.md, item 21): a
+    /// handler whose messages routinely grow it should start with more
+    /// memory (the Rust handler guide says how).
     pub memory_grew: bool,
 }
 
@@ -639,6 +639,10 @@ impl Session<'_> {
         let budget = Budget::new(limits.max_stdio_bytes);
         let msg_scope = MessageScope::new(state, &budget, log_span);
         let kept = self.live.is_some();
+        let grew_before = self
+            .live
+            .as_ref()
+            .is_some_and(|live| live.store.data().limiter.grew);
         let (mut store, instance) = match self.live.take() {
             Some(mut live) => {
                 live.store.data_mut().begin(msg_scope);
@@ -677,7 +681,7 @@ impl Session<'_> {
             overlay.writes.clear();
             overlay.emits.clear();
         }
-        let memory_grew = host.limiter.grew;
+        let grown = host.limiter.grew;
         let messages = messages + 1;
         let keep = outcome.is_ok()
             && host.wasi.is_none()
@@ -696,7 +700,7 @@ impl Session<'_> {
             // slot's protection back, which would then interrupt the
             // reaper's core as well (a TLB shootdown; measured, it doubled
             // the cost of such messages).
-            _ if host.wasi.is_some() || memory_grew => drop(store),
+            _ if host.wasi.is_some() || grown => drop(store),
             _ => module.runtime.reaper().reap(store),
         }
         let invocation = Invocation {
@@ -704,7 +708,7 @@ impl Session<'_> {
             overlay,
             elapsed: start.elapsed(),
             fresh_instance,
-            memory_grew,
+            memory_grew: grown && !grew_before,
         };
         (invocation, state, kept)
     }
