@@ -11,15 +11,19 @@
 //! output is then a component that imports nothing but ordo's own
 //! interfaces), or for `wasm32-wasip2`, and deploy the `.wasm` with `ordo
 //! deploy`. `scripts/build-guests.sh` does the former: a fresh instance of
-//! such a component costs about half as much as a `wasm32-wasip2` one
-//! (`ordo bench sandbox`). Build for `wasm32-wasip2` if the handler needs
+//! such a component costs about a fifth less than a `wasm32-wasip2` one,
+//! and less than half when the message would have grown the
+//! `wasm32-wasip2` one's heap (`ordo bench sandbox`; BENCHMARKS.md, item
+//! 22). Build for `wasm32-wasip2` if the handler needs
 //! what std takes from WASI there: clocks, randomness, `print!` to the host
 //! log. On `wasm32-unknown-unknown`, `std::time::Instant::now()` panics and
 //! `print!` writes nowhere; log with [`info!`] and the other macros.
 //!
 //! On `wasm32-unknown-unknown` this crate sets the global allocator: Rust's
 //! own one there grows the memory on the first allocation of every fresh
-//! instance, which the host pays for twice. Either way a panic is logged
+//! instance, and the host changes the memory's protection to grow it and
+//! back again for the next instance. This one serves the first 512 KiB of
+//! heap from the initial memory. Either way a panic is logged
 //! at error level, with its message and location, before the trap.
 //!
 //! Keep everything a message needs in [`state`]: each message runs in a
