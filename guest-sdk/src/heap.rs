@@ -9,6 +9,9 @@
 //! hands out an arena that is part of the module's initial memory (zeroed
 //! `.bss`, nothing to copy), and grows memory only once that is used up.
 
+#[cfg(target_feature = "atomics")]
+compile_error!("ordo-guest's heap assumes one thread: build without the `atomics` target feature");
+
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr;
