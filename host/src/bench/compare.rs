@@ -424,8 +424,12 @@ fn fmt(v: f64, digits: usize) -> String {
 
 /// Runs the comparison, prints the table and records it.
 pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
-    let wasm = std::fs::read(args.handlers_dir.join("counter.wasm"))
-        .map_err(|e| anyhow::anyhow!("reading counter.wasm: {e} (run scripts/build-guests.sh)"))?;
+    let read = |name: &str| {
+        std::fs::read(args.handlers_dir.join(name))
+            .map_err(|e| anyhow::anyhow!("reading {name}: {e} (run scripts/build-guests.sh)"))
+    };
+    let wasm = read("counter.wasm")?;
+    let wasm_wasip2 = read("counter-wasip2.wasm")?;
     let keys = args.keys.max(1);
     let messages = workload(args.messages, keys);
     let bar = indicatif::ProgressBar::new(0);
@@ -475,6 +479,16 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
+    results.push(
+        run_ordo(
+            "ordo effectively-once, WASM built for wasm32-wasip2",
+            Mode::Wasm(wasm_wasip2, 1),
+            true,
+            &messages,
+            &bar,
+        )
+        .await?,
+    );
     let pg_messages = workload(args.postgres_messages.min(args.messages), keys);
     results.push(run_postgres(&args.postgres, &pg_messages, 16, &bar).await?);
     bar.set_message("disk: fdatasync/s");
@@ -517,19 +531,22 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
          | effectively-once / at-least-once | {:.2} |\n\
          | WASM / native handler | {:.2} |\n\
          | WASM, {REUSE} messages per instance / native handler | {:.2} |\n\
+         | WASM built for wasm32-wasip2 / native handler | {:.2} |\n\
          | ordo effectively-once / PostgreSQL pattern | {:.1}× |\n\
          | ordo effectively-once, {REUSE} messages per instance / PostgreSQL pattern | {:.1}× |\n",
         ratio(0, 1),
         ratio(0, 2),
         ratio(3, 2),
-        ratio(0, 4),
-        ratio(3, 4),
+        ratio(4, 2),
+        ratio(0, 5),
+        ratio(3, 5),
     ));
     println!("{table}");
     let body = format!(
         "## Side by side: effectively-once vs at-least-once vs native vs the PostgreSQL pattern\n\n\
          {}; counter logic, {} keys, 10 % duplicate deliveries, 16 partitions / workers; \
-         ordo drains a pre-loaded embedded log in-process.\n\
+         ordo drains a pre-loaded embedded log in-process. WASM: the Rust counter built for \
+         `wasm32-unknown-unknown` (no WASI imports), unless the row says `wasm32-wasip2`.\n\
          Reproduce: `scripts/build-guests.sh && cargo run --release -- bench compare` \
          (PostgreSQL on 127.0.0.1, database `test`).\n\n{table}",
         super::machine_summary(),
