@@ -1449,7 +1449,7 @@ impl Host {
         );
         reg.register(
             "handler_memory_grown",
-            "Instances whose memory a message grew past its initial size (each costs about twice a fresh instance's price: give the handler more initial memory)",
+            "Instances whose memory a message grew past its initial size (each costs about twice a fresh instance's price)",
             self.metrics.memory_grown.clone(),
         );
         reg.register(

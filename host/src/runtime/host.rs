@@ -108,8 +108,8 @@ pub struct Invocation {
     /// Whether this message grew the instance's memory past its initial
     /// size (in a kept instance: for the first time). A fresh instance
     /// that grows costs about twice as much (BENCHMARKS.md, item 21): a
-    /// handler whose messages routinely grow it should start with more
-    /// memory (the Rust handler guide says how).
+    /// handler whose messages routinely grow it can avoid that (the Rust
+    /// handler guide says how).
     pub memory_grew: bool,
 }
 
