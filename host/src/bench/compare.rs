@@ -424,12 +424,8 @@ fn fmt(v: f64, digits: usize) -> String {
 
 /// Runs the comparison, prints the table and records it.
 pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
-    let read = |name: &str| {
-        std::fs::read(args.handlers_dir.join(name))
-            .map_err(|e| anyhow::anyhow!("reading {name}: {e} (run scripts/build-guests.sh)"))
-    };
-    let wasm = read("counter.wasm")?;
-    let wasm_wasip2 = read("counter-wasip2.wasm")?;
+    let wasm = super::handler_bytes(&args.handlers_dir, "counter")?;
+    let wasm_wasip2 = super::handler_bytes(&args.handlers_dir, "counter-wasip2")?;
     let keys = args.keys.max(1);
     let messages = workload(args.messages, keys);
     let bar = indicatif::ProgressBar::new(0);

@@ -91,8 +91,7 @@ fn start_nats(binary: &PathBuf) -> anyhow::Result<(OwnServer, String)> {
 
 /// Runs the JetStream benchmark.
 pub async fn run(args: JetStreamArgs) -> anyhow::Result<()> {
-    let bytes = std::fs::read(args.handlers_dir.join("counter.wasm"))
-        .map_err(|e| anyhow::anyhow!("reading counter.wasm: {e} (run scripts/build-guests.sh)"))?;
+    let bytes = super::handler_bytes(&args.handlers_dir, "counter")?;
     let (_own, url) = match &args.nats_url {
         Some(u) => (None, u.clone()),
         None => {

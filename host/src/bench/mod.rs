@@ -62,3 +62,15 @@ async fn deploy_counter(
     host.deploy("counter", "bench", bytes, options).await?;
     Ok(())
 }
+
+/// The bytes of `<dir>/<name>.wasm`, a handler built by
+/// `scripts/build-guests.sh`.
+fn handler_bytes(dir: &std::path::Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::read(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "reading {}: {e} (run scripts/build-guests.sh first)",
+            path.display()
+        )
+    })
+}

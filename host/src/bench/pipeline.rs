@@ -86,8 +86,7 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         args.latency_samples > 0,
         "--latency-samples must be at least 1"
     );
-    let bytes = std::fs::read(args.handlers_dir.join("counter.wasm"))
-        .map_err(|e| anyhow::anyhow!("reading counter.wasm: {e} (run scripts/build-guests.sh)"))?;
+    let bytes = super::handler_bytes(&args.handlers_dir, "counter")?;
     let dir = tempfile::tempdir_in(".")?;
     let host = Host::open(dir.path(), HostConfig::default()).await?;
 

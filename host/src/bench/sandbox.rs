@@ -57,13 +57,7 @@ fn message(payload: Vec<u8>) -> Message {
 }
 
 fn load(runtime: &Runtime, dir: &std::path::Path, name: &str) -> anyhow::Result<HandlerModule> {
-    let path = dir.join(format!("{name}.wasm"));
-    let bytes = std::fs::read(&path).map_err(|e| {
-        anyhow::anyhow!(
-            "reading {}: {e} (run scripts/build-guests.sh first)",
-            path.display()
-        )
-    })?;
+    let bytes = super::handler_bytes(dir, name)?;
     Ok(runtime.load(&bytes, HandlerLimits::default())?)
 }
 
