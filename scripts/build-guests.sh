@@ -4,7 +4,8 @@
 # wasm-component-ld, which import ordo's interfaces and no WASI. `noop` and
 # `counter` are also built for wasm32-wasip2 (target/handlers/<name>-wasip2.wasm),
 # the target a handler that needs WASI uses: the sandbox benchmark and the
-# conformance tests run both builds.
+# conformance tests run both builds. `noop` is built once more with a 4 MiB
+# initial memory (target/handlers/noop-initial-memory.wasm).
 # Installs the guest toolchain when it is missing: the rustup targets if
 # rustup can add them, otherwise Debian's rustc-web (which ships the std
 # sources and wasm-component-ld) with -Zbuild-std.
@@ -93,22 +94,30 @@ wasip2_packages=(noop counter)
 wasip2_args=()
 for p in "${wasip2_packages[@]}"; do wasip2_args+=(-p "$p"); done
 
+# cargo build for a target, with the toolchain of $mode.
+guest_build() {
+  local target="$1"; shift
+  case "$mode" in
+    rustup) cargo build --target "$target" --profile guest "$@" ;;
+    debian) RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+      /usr/bin/cargo build -Zbuild-std=std,panic_abort --target "$target" --profile guest "$@" ;;
+  esac
+}
+
 start=$(date +%s)
-case "$mode" in
-  rustup)
-    cargo build --target wasm32-unknown-unknown --profile guest "${pkg_args[@]}"
-    cargo build --target wasm32-wasip2 --profile guest "${wasip2_args[@]}"
-    ;;
-  debian)
-    RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
-      /usr/bin/cargo build -Zbuild-std=std,panic_abort --target wasm32-unknown-unknown \
-      --profile guest "${pkg_args[@]}"
-    RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
-    RUSTFLAGS="-C link-self-contained=no -L native=/usr/lib/wasm32-wasi" \
-      /usr/bin/cargo build -Zbuild-std=std,panic_abort --target wasm32-wasip2 \
-      --profile guest "${wasip2_args[@]}"
-    ;;
-esac
+guest_build wasm32-unknown-unknown "${pkg_args[@]}"
+if [ "$mode" = debian ]; then
+  RUSTFLAGS="-C link-self-contained=no -L native=/usr/lib/wasm32-wasi" \
+    guest_build wasm32-wasip2 "${wasip2_args[@]}"
+else
+  guest_build wasm32-wasip2 "${wasip2_args[@]}"
+fi
+# The no-op linked with a 4 MiB initial memory, in a target dir of its own
+# (other RUSTFLAGS would rebuild the rest): the runtime tests check that
+# the SDK's heap serves a large message from the initial memory's tail.
+initial_memory_dir="$CARGO_TARGET_DIR/initial-memory"
+CARGO_TARGET_DIR="$initial_memory_dir" RUSTFLAGS="-C link-arg=--initial-memory=4194304" \
+  guest_build wasm32-unknown-unknown -p noop
 
 # Copies a build's artifact to target/handlers/<name>.wasm if it changed.
 install_handler() {
@@ -120,7 +129,7 @@ install_handler() {
   if ! cmp -s "$artifact" "$out/$name.wasm"; then
     cp "$artifact" "$out/$name.wasm.tmp" && mv "$out/$name.wasm.tmp" "$out/$name.wasm"
   fi
-  printf 'build-guests: %-14s %8d bytes  %s\n' "$name" "$(stat -c %s "$out/$name.wasm")" "target/handlers/$name.wasm"
+  printf 'build-guests: %-20s %8d bytes  %s\n' "$name" "$(stat -c %s "$out/$name.wasm")" "target/handlers/$name.wasm"
 }
 for p in "${packages[@]}"; do
   install_handler "$CARGO_TARGET_DIR/wasm32-unknown-unknown/guest/${p//-/_}.wasm" "$p"
@@ -128,6 +137,7 @@ done
 for p in "${wasip2_packages[@]}"; do
   install_handler "$CARGO_TARGET_DIR/wasm32-wasip2/guest/${p//-/_}.wasm" "$p-wasip2"
 done
+install_handler "$initial_memory_dir/wasm32-unknown-unknown/guest/noop.wasm" noop-initial-memory
 echo "build-guests: done in $(( $(date +%s) - start ))s ($mode toolchain)"
 
 # Handlers in other languages (C, Python, JavaScript, Zig, Go): their own

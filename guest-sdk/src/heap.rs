@@ -6,8 +6,16 @@
 //! the host, and the next instance in that memory slot changes it back: two
 //! `mprotect` calls and a TLB shootdown per message, which cost more than
 //! the instantiation itself. This allocator (dlmalloc, as Rust's) first
-//! hands out an arena that is part of the module's initial memory (zeroed
-//! `.bss`, nothing to copy), and grows memory only once that is used up.
+//! hands out memory the module starts with, zeroed and free until touched:
+//!
+//! 1. the initial memory's tail, from `__heap_base` (the end of the
+//!    module's data, stack and `.bss`) to the initial size, which a build
+//!    sets with `-C link-arg=--initial-memory=<bytes>`; by default it is
+//!    what rounding up to a 64 KiB page left over;
+//! 2. an arena of [`ARENA_BYTES`] in `.bss`, so that a handler built
+//!    without that flag still serves its first 512 KiB without growing;
+//!
+//! and grows memory only once those are used up.
 
 #[cfg(target_feature = "atomics")]
 compile_error!("ordo-guest's heap assumes one thread: build without the `atomics` target feature");
@@ -16,7 +24,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr;
 
-/// Bytes of the initial memory reserved for the heap.
+/// Bytes of the initial memory reserved for the heap in `.bss`.
 const ARENA_BYTES: usize = 512 << 10;
 const PAGE: usize = 64 << 10;
 
@@ -28,20 +36,71 @@ unsafe impl Sync for Arena {}
 
 static ARENA: Arena = Arena(UnsafeCell::new([0; ARENA_BYTES]));
 
+unsafe extern "C" {
+    /// Set by the linker (wasm-ld): the first byte after the module's
+    /// data, `.bss` and stack; nothing uses the memory from here on.
+    static __heap_base: u8;
+}
+
+/// A region of memory not yet handed to dlmalloc.
+#[derive(Clone, Copy)]
+struct Region {
+    start: usize,
+    len: usize,
+}
+
+impl Region {
+    const EMPTY: Region = Region { start: 0, len: 0 };
+}
+
+struct Regions {
+    /// Whether `tail` and `arena` were set (on the first request).
+    known: bool,
+    tail: Region,
+    arena: Region,
+}
+
 struct System {
-    arena_taken: UnsafeCell<bool>,
+    regions: UnsafeCell<Regions>,
 }
 
 // SAFETY: one thread (see above).
 unsafe impl Send for System {}
 
+impl System {
+    /// The initial memory's tail, read on the first request, before this
+    /// allocator grew the memory.
+    fn initial_regions() -> Regions {
+        let base = ptr::addr_of!(__heap_base) as usize;
+        let start = base.next_multiple_of(16);
+        let end = core::arch::wasm32::memory_size(0) * PAGE;
+        Regions {
+            known: true,
+            tail: Region {
+                start,
+                len: end.saturating_sub(start),
+            },
+            arena: Region {
+                start: ARENA.0.get() as usize,
+                len: ARENA_BYTES,
+            },
+        }
+    }
+}
+
 unsafe impl dlmalloc::Allocator for System {
     fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
-        // SAFETY: one thread, and nothing else touches the flag.
-        let taken = unsafe { &mut *self.arena_taken.get() };
-        if !*taken && size <= ARENA_BYTES {
-            *taken = true;
-            return (ARENA.0.get().cast::<u8>(), ARENA_BYTES, 0);
+        // SAFETY: one thread, and nothing else touches the regions.
+        let regions = unsafe { &mut *self.regions.get() };
+        if !regions.known {
+            *regions = System::initial_regions();
+        }
+        // A region too small for this request stays for a later, smaller one.
+        for region in [&mut regions.tail, &mut regions.arena] {
+            if region.len > 0 && region.len >= size {
+                let taken = core::mem::replace(region, Region::EMPTY);
+                return (taken.start as *mut u8, taken.len, 0);
+            }
         }
         let pages = size.div_ceil(PAGE);
         let prev = core::arch::wasm32::memory_grow(0, pages);
@@ -85,7 +144,11 @@ unsafe impl Sync for Heap {}
 #[global_allocator]
 static HEAP: Heap = Heap(UnsafeCell::new(dlmalloc::Dlmalloc::new_with_allocator(
     System {
-        arena_taken: UnsafeCell::new(false),
+        regions: UnsafeCell::new(Regions {
+            known: false,
+            tail: Region::EMPTY,
+            arena: Region::EMPTY,
+        }),
     },
 )));
 

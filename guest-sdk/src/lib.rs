@@ -22,8 +22,10 @@
 //! On `wasm32-unknown-unknown` this crate sets the global allocator: Rust's
 //! own one there grows the memory on the first allocation of every fresh
 //! instance, and the host changes the memory's protection to grow it and
-//! back again for the next instance. This one serves the first 512 KiB of
-//! heap from the initial memory. Either way a panic is logged
+//! back again for the next instance. This one serves the heap from the
+//! initial memory first: what the module's data, stack and `.bss` leave of
+//! it (more with `-C link-arg=--initial-memory=<bytes>`), then a 512 KiB
+//! arena in `.bss`. Either way a panic is logged
 //! at error level, with its message and location, before the trap.
 //!
 //! Keep everything a message needs in [`state`]: each message runs in a
