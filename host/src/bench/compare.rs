@@ -14,7 +14,6 @@
 //! Every run gets the same messages: per-key sequences over `keys` keys
 //! with 10 % duplicate deliveries.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -434,59 +433,48 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     {
         bar.set_style(style.progress_chars("=> "));
     }
-    let mut results = Vec::new();
-    results.push(
-        run_ordo(
-            "ordo effectively-once, WASM",
-            Mode::Wasm(wasm.clone(), 1),
-            true,
-            &messages,
-            &bar,
-        )
-        .await?,
-    );
-    results.push(
-        run_ordo(
-            "ordo at-least-once (no dedup), WASM",
-            Mode::Wasm(wasm.clone(), 1),
-            false,
-            &messages,
-            &bar,
-        )
-        .await?,
-    );
-    results.push(
-        run_ordo(
-            "ordo effectively-once, native handler",
-            Mode::Native,
-            true,
-            &messages,
-            &bar,
-        )
-        .await?,
-    );
-    results.push(
-        run_ordo(
-            &format!("ordo effectively-once, WASM, {REUSE} messages per instance (opt-in)"),
-            Mode::Wasm(wasm, REUSE),
-            true,
-            &messages,
-            &bar,
-        )
-        .await?,
-    );
-    results.push(
-        run_ordo(
-            "ordo effectively-once, WASM built for wasm32-wasip2",
-            Mode::Wasm(wasm_wasip2, 1),
-            true,
-            &messages,
-            &bar,
-        )
-        .await?,
-    );
+    let eo = run_ordo(
+        "ordo effectively-once, WASM",
+        Mode::Wasm(wasm.clone(), 1),
+        true,
+        &messages,
+        &bar,
+    )
+    .await?;
+    let alo = run_ordo(
+        "ordo at-least-once (no dedup), WASM",
+        Mode::Wasm(wasm.clone(), 1),
+        false,
+        &messages,
+        &bar,
+    )
+    .await?;
+    let native = run_ordo(
+        "ordo effectively-once, native handler",
+        Mode::Native,
+        true,
+        &messages,
+        &bar,
+    )
+    .await?;
+    let reuse = run_ordo(
+        &format!("ordo effectively-once, WASM, {REUSE} messages per instance (opt-in)"),
+        Mode::Wasm(wasm, REUSE),
+        true,
+        &messages,
+        &bar,
+    )
+    .await?;
+    let wasip2 = run_ordo(
+        "ordo effectively-once, WASM built for wasm32-wasip2",
+        Mode::Wasm(wasm_wasip2, 1),
+        true,
+        &messages,
+        &bar,
+    )
+    .await?;
     let pg_messages = workload(args.postgres_messages.min(args.messages), keys);
-    results.push(run_postgres(&args.postgres, &pg_messages, 16, &bar).await?);
+    let postgres = run_postgres(&args.postgres, &pg_messages, 16, &bar).await?;
     bar.set_message("disk: fdatasync/s");
     let fsyncs = tokio::task::spawn_blocking(fsync_rate).await??;
     bar.finish_and_clear();
@@ -494,7 +482,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     let mut table = String::from(
         "| run | messages | msg/s | CPU % (of all cores) | peak RSS MiB | commits per flush | messages per flush | bytes written per message |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for r in &results {
+    for r in [&eo, &alo, &native, &reuse, &wasip2, &postgres] {
         table.push_str(&format!(
             "| {} | {} | {:.0} | {} | {} | {} | {} | {} |\n",
             r.name,
@@ -516,12 +504,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     table.push_str(&format!(
         "| disk: 4 KiB write + fdatasync | – | {fsyncs:.0} fsync/s | – | – | – | – | – |\n"
     ));
-    let by: HashMap<usize, f64> = results
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (i, r.rate()))
-        .collect();
-    let ratio = |a: usize, b: usize| by[&a] / by[&b].max(1e-9);
+    let ratio = |a: &RunResult, b: &RunResult| a.rate() / b.rate().max(1e-9);
     table.push_str(&format!(
         "\n| ratio | value |\n|---|---:|\n\
          | effectively-once / at-least-once | {:.2} |\n\
@@ -530,12 +513,12 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
          | WASM built for wasm32-wasip2 / native handler | {:.2} |\n\
          | ordo effectively-once / PostgreSQL pattern | {:.1}× |\n\
          | ordo effectively-once, {REUSE} messages per instance / PostgreSQL pattern | {:.1}× |\n",
-        ratio(0, 1),
-        ratio(0, 2),
-        ratio(3, 2),
-        ratio(4, 2),
-        ratio(0, 5),
-        ratio(3, 5),
+        ratio(&eo, &alo),
+        ratio(&eo, &native),
+        ratio(&reuse, &native),
+        ratio(&wasip2, &native),
+        ratio(&eo, &postgres),
+        ratio(&reuse, &postgres),
     ));
     println!("{table}");
     let body = format!(
