@@ -5,27 +5,20 @@
 //! system; the data file is therefore `fdatasync`ed after it. Besides its
 //! log, sled keeps every log message over a quarter of a segment (128 KiB:
 //! a deployed component, a rewritten leaf of large values) in a file of
-//! its own under `blobs/`, written without any sync, which its log then
-//! points to. After a power loss the log could point to a blob the disk
-//! never received: a missing one is skipped on recovery (that page's
-//! update is lost), a truncated one fails the recovery. So every flush
-//! also syncs the blob files that appeared since the last one, and the
-//! directory that names them, before the flush counts as durable, and
-//! before the data file's own sync. A window remains: sled's flush has
-//! already written its log back (`sync_file_range`) before the blobs are
-//! synced, and a disk may keep those log pages through a power cut
-//! without the blob's; only sled syncing its blobs before writing the log
-//! that points to them would close it.
+//! its own under `blobs/`, which its log then points to. Our sled syncs
+//! such a file and the directory that names it before the log can point
+//! to it (`third_party/sled/PATCHES.md`, 4), so a flush need not list or
+//! sync them. A ledger written by an earlier build may hold blob files
+//! that were never synced: the first flush of a process syncs every blob
+//! file present, once.
 //!
 //! Architecture invariant: nothing is reported durable (`Ledger::flush`
-//! returns) before the data file and every blob file present when sled's
-//! flush returned are synced.
+//! returns) before the data file is synced, and every blob file is
+//! synced before the log that points to it is written.
 
-use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::Result;
 
@@ -33,8 +26,9 @@ use super::Result;
 pub(super) struct Durable {
     data_file: Option<File>,
     blobs: PathBuf,
-    /// Blob files synced so far (those still present).
-    synced: Mutex<HashSet<OsString>>,
+    /// Whether this process synced the blob files it found (see the
+    /// module docs).
+    found_blobs_synced: AtomicBool,
 }
 
 impl Durable {
@@ -43,53 +37,46 @@ impl Durable {
         Durable {
             data_file: File::open(dir.join("db")).ok(),
             blobs: dir.join("blobs"),
-            synced: Mutex::new(HashSet::new()),
+            found_blobs_synced: AtomicBool::new(false),
         }
     }
 
-    /// `db.flush()`, then the new blob files and the data file synced, in
-    /// that order: the log that points to a blob is made durable by the
-    /// data file's sync only once the blob is (sled's own flush asked the
-    /// kernel to write the log back already, which on some disks is as
-    /// good as durable: that window stays, see the module docs).
+    /// `db.flush()`, then (the first time) the blob files found, then the
+    /// data file synced.
     pub fn flush(&self, db: &sled::Db) -> Result<()> {
         db.flush()?;
-        self.sync_new_blobs()?;
+        if !self.found_blobs_synced.load(Ordering::Acquire) {
+            self.sync_blob_files()?;
+            self.found_blobs_synced.store(true, Ordering::Release);
+        }
         if let Some(f) = &self.data_file {
             f.sync_data()?;
         }
         Ok(())
     }
 
-    /// Syncs the blob files not synced yet, then their directory; returns
-    /// how many it synced.
-    pub fn sync_new_blobs(&self) -> Result<usize> {
-        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+    /// Syncs every blob file present, then their directory; returns how
+    /// many it synced.
+    fn sync_blob_files(&self) -> Result<usize> {
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e.into()),
         };
-        let mut present = HashSet::new();
-        let mut new = 0;
+        let mut synced = 0;
         for entry in entries {
-            let name = entry?.file_name();
-            if !synced.contains(&name) {
-                match File::open(self.blobs.join(&name)) {
-                    Ok(f) => f.sync_all()?,
-                    // Removed meanwhile (sled drops blobs no longer needed).
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                new += 1;
+            match File::open(entry?.path()) {
+                Ok(f) => f.sync_all()?,
+                // Removed meanwhile (sled drops blobs no longer needed).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
             }
-            present.insert(name);
+            synced += 1;
         }
-        if new > 0 {
+        if synced > 0 {
             File::open(&self.blobs)?.sync_all()?;
         }
-        *synced = present;
-        Ok(new)
+        Ok(synced)
     }
 }
 
@@ -97,28 +84,34 @@ impl Durable {
 mod tests {
     use super::*;
 
+    fn blob_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("blobs")).map_or(0, |d| d.count())
+    }
+
     #[test]
-    fn a_flush_syncs_the_blob_files_sled_wrote_and_forgets_removed_ones() {
+    fn the_first_flush_syncs_the_blob_files_it_finds_and_later_ones_do_not_list_them() {
         let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::Config::new().path(dir.path()).open().expect("sled");
+            // A value over a quarter of sled's 512 KiB segment is a blob file.
+            db.insert(b"big", vec![7u8; 300 << 10]).expect("insert");
+            db.flush().expect("sled flush");
+        }
+        assert!(
+            blob_files(dir.path()) >= 1,
+            "sled wrote the value as a blob file"
+        );
         let db = sled::Config::new().path(dir.path()).open().expect("sled");
         let durable = Durable::new(dir.path());
+        assert!(durable.sync_blob_files().expect("sync") >= 1);
+        assert!(!durable.found_blobs_synced.load(Ordering::Acquire));
         durable.flush(&db).expect("flush");
-        // A value over a quarter of sled's 512 KiB segment is a blob file.
-        db.insert(b"big", vec![7u8; 300 << 10]).expect("insert");
-        db.flush().expect("sled flush");
-        let blobs = || std::fs::read_dir(dir.path().join("blobs")).map_or(0, |d| d.count());
-        assert!(blobs() >= 1, "sled wrote the value as a blob file");
-        assert!(durable.sync_new_blobs().expect("sync") >= 1);
-        // Already synced: nothing new.
-        assert_eq!(durable.sync_new_blobs().expect("sync"), 0);
+        assert!(durable.found_blobs_synced.load(Ordering::Acquire));
         db.insert(b"big2", vec![8u8; 300 << 10]).expect("insert");
         durable.flush(&db).expect("flush");
         assert_eq!(
-            durable.sync_new_blobs().expect("sync"),
-            0,
-            "the flush synced it"
+            db.get(b"big2").expect("get").map(|v| v.len()),
+            Some(300 << 10)
         );
-        let remembered = durable.synced.lock().expect("lock").len();
-        assert_eq!(remembered, blobs());
     }
 }
