@@ -28,6 +28,9 @@ pub struct DedupArgs {
     output: PathBuf,
 }
 
+/// Flushes timed per ledger size.
+const FLUSHES: usize = 50;
+
 fn record(i: u64) -> DedupRecord {
     DedupRecord {
         offset: i,
@@ -113,6 +116,24 @@ pub fn run(args: DedupArgs) -> anyhow::Result<()> {
         }
         let bytes = ledger.size_on_disk()?;
         let index_bytes = ledger.dedup_index_bytes();
+        // What a group flush costs at this size: one record committed,
+        // then flushed (sled's flush and the data file's sync). Measured
+        // after the sizes above, so the 50 records do not count in them.
+        let mut flushes = Vec::with_capacity(FLUSHES);
+        for i in 0..FLUSHES as u64 {
+            let batch = CommitBatch {
+                dedup: vec![(
+                    "counter".to_string(),
+                    format!("flush-{size}-{i}"),
+                    record(i),
+                )],
+                ..CommitBatch::default()
+            };
+            ledger.commit(&batch)?;
+            let t = Instant::now();
+            ledger.flush()?;
+            flushes.push(t.elapsed());
+        }
         rows.push((
             size,
             pct(&mut hits, 0.5),
@@ -124,15 +145,18 @@ pub fn run(args: DedupArgs) -> anyhow::Result<()> {
             open_secs,
             fill_secs,
             index_bytes as f64 / size as f64,
+            pct(&mut flushes, 0.5) / 1e3,
         ));
     }
     bar.finish_and_clear();
     let mut table = String::from(
-        "| recorded keys | hit p50 | hit p99 | miss p50 | miss p99 | recent hit p99 | ledger bytes per key | index bytes per key (memory) | ledger open | index filled after |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| recorded keys | hit p50 | hit p99 | miss p50 | miss p99 | recent hit p99 | ledger bytes per key | index bytes per key (memory) | ledger open | index filled after | flush p50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (size, h50, h99, m50, m99, r99, per_key, open_secs, fill_secs, index_per_key) in &rows {
+    for (size, h50, h99, m50, m99, r99, per_key, open_secs, fill_secs, index_per_key, flush50) in
+        &rows
+    {
         table.push_str(&format!(
-            "| {size} | {h50:.1} µs | {h99:.1} µs | {m50:.1} µs | {m99:.1} µs | {r99:.1} µs | {per_key:.0} | {index_per_key:.0} | {open_secs:.2} s | {fill_secs:.2} s |\n"
+            "| {size} | {h50:.1} µs | {h99:.1} µs | {m50:.1} µs | {m99:.1} µs | {r99:.1} µs | {per_key:.0} | {index_per_key:.0} | {open_secs:.2} s | {fill_secs:.2} s | {flush50:.2} ms |\n"
         ));
     }
     if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
@@ -151,7 +175,8 @@ pub fn run(args: DedupArgs) -> anyhow::Result<()> {
          `Ledger::dedup_get` (decode included): a hit on any recorded key, a miss, and a recent hit (one of the \
          last 10,000 keys recorded, as a producer's retry is), after the ledger was closed, reopened and its idempotency index \
          filled (in the background; lookups wait for it). Ledger bytes per key is the whole \
-         ledger's size on disk over the key count; index bytes per key is the in-memory index's.\n\
+         ledger's size on disk over the key count; index bytes per key is the in-memory index's. \
+         Flush p50: {FLUSHES} flushes of one committed record each (sled's flush and the data file's sync).\n\
          Reproduce: `cargo run --release -- bench dedup --cache-mib {}`.\n\n{table}",
         super::machine_summary(),
         cache_mib,
