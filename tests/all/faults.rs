@@ -61,6 +61,17 @@ fn preload_faultfs(server: &mut Server) -> PathBuf {
     data
 }
 
+/// Stops `server` and makes its next spawns run under the shim on an
+/// empty data dir whose synced files are copied to `shadow`: from then on
+/// `shadow` is the disk a power cut leaves behind. Returns the data dir.
+fn power_cuts_from_now(server: &mut Server, shadow: &Path) -> PathBuf {
+    server.kill();
+    let data = preload_faultfs(server);
+    restore(shadow, &data);
+    server.set_env("FAULTFS_SHADOW", shadow.to_str());
+    data
+}
+
 fn batch(seq: u64) -> Value {
     Value::Array(
         (0..KEYS)
@@ -133,11 +144,7 @@ async fn power_loss_keeps_everything_acknowledged() {
     const BATCHES: u64 = 1_000;
     let shadow = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start().await;
-    server.kill();
-    let data = preload_faultfs(&mut server);
-    // From now on the shadow is the disk a power cut leaves behind.
-    restore(shadow.path(), &data);
-    server.set_env("FAULTFS_SHADOW", shadow.path().to_str());
+    let data = power_cuts_from_now(&mut server, shadow.path());
     // A slow disk widens the window in which lanes commit messages whose
     // append is not yet synced (both must then be lost together).
     server.set_env("FAULTFS_SYNC_DELAY_MS", Some("3"));
@@ -205,10 +212,7 @@ async fn a_power_cut_keeps_large_messages_stored_as_blob_files() {
     const MESSAGES: u64 = 4;
     let shadow = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start().await;
-    server.kill();
-    let data = preload_faultfs(&mut server);
-    restore(shadow.path(), &data);
-    server.set_env("FAULTFS_SHADOW", shadow.path().to_str());
+    let data = power_cuts_from_now(&mut server, shadow.path());
     server.respawn().await;
     let pad = "x".repeat(300 << 10);
     for seq in 1..=MESSAGES {

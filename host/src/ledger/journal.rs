@@ -11,8 +11,8 @@
 //! here:
 //!
 //! 1. the whole batch is written as ONE record to the `journal` tree
-//!    (in chunks of at most [`CHUNK`] bytes, so sled keeps it in its log
-//!    and not in a blob file);
+//!    (in chunks of at most [`CHUNK`] bytes, so sled keeps it and the
+//!    leaves that hold it in its log and not in blob files);
 //! 2. its writes are applied one by one to the ledger tree;
 //! 3. the record is removed.
 //!
@@ -60,9 +60,14 @@ use sled::{IVec, Tree};
 
 use super::{LedgerError, Result};
 
-/// Largest chunk of a journal record (sled stores a value above about a
-/// quarter of its 512 KiB segment in a separate blob file).
-pub const CHUNK: usize = 32 << 10;
+/// Largest chunk of a journal record. sled writes a log message over a
+/// quarter of its 512 KiB segment to a blob file of its own, which it
+/// syncs twice (the file and its directory: `third_party/sled`, patch 4)
+/// on the committing thread; a leaf holds up to 17 entries whatever their
+/// size, so a leaf of 32 KiB chunks made one at nearly every large
+/// commit, and 4 KiB chunks keep every journal leaf under that
+/// (BENCHMARKS.md, item 23).
+pub const CHUNK: usize = 4 << 10;
 
 /// One write: the full key (space byte included) and the value to store,
 /// or `None` to remove it.
