@@ -53,38 +53,33 @@ impl Region {
     const EMPTY: Region = Region { start: 0, len: 0 };
 }
 
-struct Regions {
-    /// Whether `tail` and `arena` were set (on the first request).
-    known: bool,
-    tail: Region,
-    arena: Region,
-}
-
 struct System {
-    regions: UnsafeCell<Regions>,
+    /// The regions not yet handed to dlmalloc, in the order they are
+    /// offered: the initial memory's tail, then the arena. Read on the
+    /// first request.
+    regions: UnsafeCell<Option<[Region; 2]>>,
 }
 
 // SAFETY: one thread (see above).
 unsafe impl Send for System {}
 
 impl System {
-    /// The initial memory's tail, read on the first request, before this
-    /// allocator grew the memory.
-    fn initial_regions() -> Regions {
+    /// The initial memory's tail and the arena, read on the first request,
+    /// before this allocator grew the memory.
+    fn initial_regions() -> [Region; 2] {
         let base = ptr::addr_of!(__heap_base) as usize;
         let start = base.next_multiple_of(16);
         let end = core::arch::wasm32::memory_size(0) * PAGE;
-        Regions {
-            known: true,
-            tail: Region {
+        [
+            Region {
                 start,
                 len: end.saturating_sub(start),
             },
-            arena: Region {
+            Region {
                 start: ARENA.0.get() as usize,
                 len: ARENA_BYTES,
             },
-        }
+        ]
     }
 }
 
@@ -92,11 +87,9 @@ unsafe impl dlmalloc::Allocator for System {
     fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
         // SAFETY: one thread, and nothing else touches the regions.
         let regions = unsafe { &mut *self.regions.get() };
-        if !regions.known {
-            *regions = System::initial_regions();
-        }
+        let regions = regions.get_or_insert_with(System::initial_regions);
         // A region too small for this request stays for a later, smaller one.
-        for region in [&mut regions.tail, &mut regions.arena] {
+        for region in regions.iter_mut() {
             if region.len > 0 && region.len >= size {
                 let taken = core::mem::replace(region, Region::EMPTY);
                 return (taken.start as *mut u8, taken.len, 0);
@@ -144,11 +137,7 @@ unsafe impl Sync for Heap {}
 #[global_allocator]
 static HEAP: Heap = Heap(UnsafeCell::new(dlmalloc::Dlmalloc::new_with_allocator(
     System {
-        regions: UnsafeCell::new(Regions {
-            known: false,
-            tail: Region::EMPTY,
-            arena: Region::EMPTY,
-        }),
+        regions: UnsafeCell::new(None),
     },
 )));
 

@@ -118,7 +118,7 @@ pub fn run(args: DedupArgs) -> anyhow::Result<()> {
         let index_bytes = ledger.dedup_index_bytes();
         // What a group flush costs at this size: one record committed,
         // then flushed (sled's flush and the data file's sync). Measured
-        // after the sizes above, so the 50 records do not count in them.
+        // after the sizes above, so its records do not count in them.
         let mut flushes = Vec::with_capacity(FLUSHES);
         for i in 0..FLUSHES as u64 {
             let batch = CommitBatch {
