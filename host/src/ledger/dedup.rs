@@ -182,9 +182,14 @@ pub struct DedupIndex {
     done: AtomicBool,
 }
 
-/// Shards (by the hash's top bits), so lanes inserting a batch's keys
-/// rarely wait for each other.
-const SHARDS: usize = 64;
+/// Shards, by the hash's top [`SHARD_BITS`] bits: lanes inserting a
+/// batch's keys rarely wait for each other, and a shard that grows moves
+/// few entries. A hash map grows by rehashing itself whole, under its
+/// shard's lock and inside the commit that inserted the key: with 64
+/// shards of 10 million keys that was a pause of up to 3 ms for the
+/// commit and for lookups in the shard (BENCHMARKS.md, item 24).
+const SHARD_BITS: u32 = 10;
+const SHARDS: usize = 1 << SHARD_BITS;
 
 impl DedupIndex {
     /// An empty index whose fill is running.
@@ -198,7 +203,7 @@ impl DedupIndex {
     }
 
     fn shard(&self, hash: u64) -> &RwLock<Shard> {
-        &self.shards[(hash >> 58) as usize % SHARDS]
+        &self.shards[(hash >> (64 - SHARD_BITS)) as usize]
     }
 
     /// Records that the key of `hash` is at `at` (a segment sequence or
