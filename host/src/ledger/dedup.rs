@@ -346,6 +346,26 @@ mod tests {
     }
 
     #[test]
+    fn hashes_at_either_end_find_their_own_shard() {
+        let index = DedupIndex::new();
+        index.finish_fill(Ok(()));
+        let ends = [0, u64::MAX, 1 << 63, (1 << 63) - 1, 1 << (64 - SHARD_BITS)];
+        for (i, hash) in ends.into_iter().enumerate() {
+            index.insert(hash, i as u64 + 1);
+        }
+        for (i, hash) in ends.into_iter().enumerate() {
+            assert_eq!(index.locations(hash).unwrap(), vec![i as u64 + 1]);
+        }
+        let used = index
+            .shards
+            .iter()
+            .filter(|s| !s.read().unwrap().one.is_empty())
+            .count();
+        // Shards 0, 1023, 512, 511 and 1: the top bits pick the shard.
+        assert_eq!(used, ends.len(), "each in a shard of its own");
+    }
+
+    #[test]
     fn segments_are_cut_by_count_and_by_bytes() {
         let record = DedupRecord {
             offset: 1,
