@@ -15,4 +15,7 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --release --workspace --all-targets -- -D warnings
 echo "== tests"
+# A failing test's panic message, not a backtrace, ends its report, so the
+# tail of a CI log names what failed and why.
+export RUST_BACKTRACE="${ORDO_TEST_BACKTRACE:-0}"
 cargo test --release -p ordo
