@@ -48,9 +48,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let accounts = args.accounts.max(2);
     let data_dir = tempfile::tempdir().context("temp data dir")?;
     let port = if args.port == 0 {
-        std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
+        crate::ports::free_loopback_port().context("finding a free port")?
     } else {
         args.port
     };

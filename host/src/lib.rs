@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod host;
 pub mod ledger;
 pub mod metrics;
+pub mod ports;
 pub mod runtime;
 pub mod server;
 pub mod source;

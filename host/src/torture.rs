@@ -1064,10 +1064,7 @@ pub async fn torture(args: &TortureArgs) -> anyhow::Result<Report> {
         .prefix("ordo-torture-")
         .tempdir()
         .context("creating a temp dir")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port")?
-        .port();
+    let port = crate::ports::free_loopback_port().context("finding a free port")?;
     let config = match args.messages_per_instance {
         1 => None,
         n => {

@@ -42,10 +42,7 @@ fn nats_binary() -> PathBuf {
 
 impl Nats {
     pub async fn start() -> Nats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = ordo::ports::free_loopback_port().expect("free port");
         let mut nats = Nats {
             child: None,
             port,

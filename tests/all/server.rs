@@ -1,6 +1,5 @@
 //! Running the real `ordo` binary as a child process.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,11 +19,11 @@ pub struct Server {
     log: Option<(String, PathBuf)>,
 }
 
+/// A loopback port for a server of this test process (see `ordo::ports`:
+/// no connection the tests open can take it before the server binds it, or
+/// while it restarts).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    ordo::ports::free_loopback_port().expect("free port")
 }
 
 impl Server {

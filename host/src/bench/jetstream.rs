@@ -54,9 +54,7 @@ impl Drop for OwnServer {
 }
 
 fn start_nats(binary: &PathBuf) -> anyhow::Result<(OwnServer, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = crate::ports::free_loopback_port()?;
     let store = tempfile::tempdir_in(".")?;
     let mut found = binary.clone();
     if !found.is_file() && binary.components().count() == 1 {

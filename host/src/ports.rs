@@ -1,0 +1,104 @@
+//! Loopback ports for the `ordo serve` children that `ordo demo`,
+//! `ordo torture` and the test suite start.
+//!
+//! Binding port 0, reading the port and closing the socket leaves a window
+//! until the child binds it, and the kernel hands out the same range as
+//! the source ports of outgoing connections: any connection the parent (or
+//! anyone) opens in that window may take the port, and the child then
+//! fails to bind, or a restarted child finds its port taken. Ports from
+//! [`free_loopback_port`] come from below the kernel's ephemeral range
+//! (`net.ipv4.ip_local_port_range`), where connections never get a source
+//! port, and are handed out at most once per process: only an explicit
+//! bind by another process can take one.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+/// Lowest port handed out.
+const FIRST: u32 = 10_000;
+
+/// The first port of the kernel's ephemeral range (Linux's default when
+/// it cannot be read).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// A loopback TCP port that nothing listens on, below the ephemeral range,
+/// not returned before by this process. Processes start at different
+/// places in the range (by process id), so two of them rarely try the same
+/// ports. Falls back to a kernel-chosen port when the ephemeral range
+/// leaves no room below it.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let end = ephemeral_start().min(u32::from(u16::MAX) + 1);
+    if end <= FIRST + 1_000 {
+        return TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()
+            .map(|a| a.port());
+    }
+    let next =
+        NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % (end - FIRST)));
+    pick(next, end)
+}
+
+/// The first port from `FIRST + next` on (wrapping before `end`) that can
+/// be bound; `next` moves past it.
+fn pick(next: &AtomicU32, end: u32) -> std::io::Result<u16> {
+    let span = end - FIRST;
+    for _ in 0..span {
+        let port = FIRST + next.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(port).map_err(std::io::Error::other)?;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free loopback port in {FIRST}..{end}"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_free_distinct_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50)
+            .map(|_| free_loopback_port().expect("a free port"))
+            .collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        let end = ephemeral_start();
+        if end > FIRST + 1_000 {
+            assert!(
+                ports
+                    .iter()
+                    .all(|&p| u32::from(p) >= FIRST && u32::from(p) < end),
+                "{ports:?} not in {FIRST}..{end}"
+            );
+        }
+        for p in ports {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).expect("the port is bindable");
+        }
+    }
+
+    #[test]
+    fn a_port_in_use_is_skipped() {
+        let port = pick(&AtomicU32::new(5_000), 30_000).expect("a free port");
+        let held = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind");
+        // A counter that would hand out the held port next.
+        let next = AtomicU32::new(u32::from(port) - FIRST);
+        let end = u32::from(port) + 100;
+        let other = pick(&next, end).expect("another port");
+        assert_ne!(other, port, "a port someone listens on was handed out");
+        assert!(other > port && u32::from(other) < end, "{other}");
+        drop(held);
+    }
+}
