@@ -189,7 +189,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(listen = %listen, data_dir = %data_dir.display(), "ordo serving");
+    // The bound address: with port 0 the kernel picked it.
+    let bound = listener.local_addr().unwrap_or(listen);
+    tracing::info!(listen = %bound, data_dir = %data_dir.display(), "ordo serving");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
