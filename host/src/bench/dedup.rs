@@ -46,6 +46,22 @@ fn idem(i: u64) -> String {
     format!("order-{i:012}/payment")
 }
 
+/// One ledger size's measurements (times in µs unless named otherwise).
+struct Row {
+    size: u64,
+    /// Hit on any recorded key: (p50, p99).
+    hit: (f64, f64),
+    /// Miss: (p50, p99).
+    miss: (f64, f64),
+    /// Hit on one of the last 10,000 keys recorded: p99.
+    recent_p99: f64,
+    bytes_per_key: f64,
+    open_secs: f64,
+    fill_secs: f64,
+    index_bytes_per_key: f64,
+    flush_p50_ms: f64,
+}
+
 fn pct(samples: &mut [Duration], p: f64) -> f64 {
     samples.sort_unstable();
     let i = ((samples.len().saturating_sub(1)) as f64 * p) as usize;
@@ -134,38 +150,45 @@ pub fn run(args: DedupArgs) -> anyhow::Result<()> {
             ledger.flush()?;
             flushes.push(t.elapsed());
         }
-        rows.push((
+        rows.push(Row {
             size,
-            pct(&mut hits, 0.5),
-            pct(&mut hits, 0.99),
-            pct(&mut misses, 0.5),
-            pct(&mut misses, 0.99),
-            pct(&mut recent, 0.99),
-            bytes as f64 / size as f64,
+            hit: (pct(&mut hits, 0.5), pct(&mut hits, 0.99)),
+            miss: (pct(&mut misses, 0.5), pct(&mut misses, 0.99)),
+            recent_p99: pct(&mut recent, 0.99),
+            bytes_per_key: bytes as f64 / size as f64,
             open_secs,
             fill_secs,
-            index_bytes as f64 / size as f64,
-            pct(&mut flushes, 0.5) / 1e3,
-        ));
+            index_bytes_per_key: index_bytes as f64 / size as f64,
+            flush_p50_ms: pct(&mut flushes, 0.5) / 1e3,
+        });
     }
     bar.finish_and_clear();
     let mut table = String::from(
         "| recorded keys | hit p50 | hit p99 | miss p50 | miss p99 | recent hit p99 | ledger bytes per key | index bytes per key (memory) | ledger open | index filled after | flush p50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (size, h50, h99, m50, m99, r99, per_key, open_secs, fill_secs, index_per_key, flush50) in
-        &rows
-    {
+    for r in &rows {
         table.push_str(&format!(
-            "| {size} | {h50:.1} µs | {h99:.1} µs | {m50:.1} µs | {m99:.1} µs | {r99:.1} µs | {per_key:.0} | {index_per_key:.0} | {open_secs:.2} s | {fill_secs:.2} s | {flush50:.2} ms |\n"
+            "| {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} | {:.0} | {:.2} s | {:.2} s | {:.2} ms |\n",
+            r.size,
+            r.hit.0,
+            r.hit.1,
+            r.miss.0,
+            r.miss.1,
+            r.recent_p99,
+            r.bytes_per_key,
+            r.index_bytes_per_key,
+            r.open_secs,
+            r.fill_secs,
+            r.flush_p50_ms,
         ));
     }
     if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
         table.push_str(&format!(
             "\nHit p99 grows {:.2}× from {} to {} keys (a hit on one of the last 10,000 keys: {:.2}×).\n",
-            last.2 / first.2.max(0.001),
-            first.0,
-            last.0,
-            last.5 / first.5.max(0.001),
+            last.hit.1 / first.hit.1.max(0.001),
+            first.size,
+            last.size,
+            last.recent_p99 / first.recent_p99.max(0.001),
         ));
     }
     println!("{table}");
