@@ -2,14 +2,15 @@
 //! `ordo torture` and the test suite start.
 //!
 //! Binding port 0, reading the port and closing the socket leaves a window
-//! until the child binds it, and the kernel hands out the same range as
-//! the source ports of outgoing connections: any connection the parent (or
-//! anyone) opens in that window may take the port, and the child then
-//! fails to bind, or a restarted child finds its port taken. Ports from
-//! [`free_loopback_port`] come from below the kernel's ephemeral range
-//! (`net.ipv4.ip_local_port_range`), where connections never get a source
-//! port, and are handed out at most once per process: only an explicit
-//! bind by another process can take one.
+//! until the child binds it, and so does every restart of a child on its
+//! port. In that window the kernel may hand the port to the next bind of
+//! port 0 (another test's server) or, as the source port, to an outgoing
+//! connection (it takes both from the ephemeral range): the child then
+//! fails to bind, or a client talks to another test's server. Ports from
+//! [`free_loopback_port`] come from below the ephemeral range
+//! (`net.ipv4.ip_local_port_range`), which neither uses, and are handed
+//! out at most once per process: only an explicit bind by another process
+//! can take one.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::atomic::{AtomicU32, Ordering};
