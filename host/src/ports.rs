@@ -28,22 +28,33 @@ fn ephemeral_start() -> u32 {
         .unwrap_or(32_768)
 }
 
+/// The end of the range ports are handed out from (`FIRST..end`): the
+/// ephemeral range's start; `None` when that leaves no room below it.
+fn range_end() -> Option<u32> {
+    let end = ephemeral_start().min(u32::from(u16::MAX) + 1);
+    (end > FIRST + 1_000).then_some(end)
+}
+
 /// A loopback TCP port that nothing listens on, below the ephemeral range,
 /// not returned before by this process. Processes start at different
 /// places in the range (by process id), so two of them rarely try the same
 /// ports. Falls back to a kernel-chosen port when the ephemeral range
 /// leaves no room below it.
 pub fn free_loopback_port() -> std::io::Result<u16> {
-    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
-    let end = ephemeral_start().min(u32::from(u16::MAX) + 1);
-    if end <= FIRST + 1_000 {
-        return TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+    // The range and where the next pick starts, set on the first call.
+    static NEXT: OnceLock<Option<(u32, AtomicU32)>> = OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        range_end().map(|end| {
+            let start = std::process::id().wrapping_mul(7_919) % (end - FIRST);
+            (end, AtomicU32::new(start))
+        })
+    });
+    match next {
+        Some((end, next)) => pick(next, *end),
+        None => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()
-            .map(|a| a.port());
+            .map(|a| a.port()),
     }
-    let next =
-        NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % (end - FIRST)));
-    pick(next, end)
 }
 
 /// The first port from `FIRST + next` on (wrapping before `end`) that can
@@ -76,8 +87,7 @@ mod tests {
         distinct.sort_unstable();
         distinct.dedup();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");
-        let end = ephemeral_start();
-        if end > FIRST + 1_000 {
+        if let Some(end) = range_end() {
             assert!(
                 ports
                     .iter()
