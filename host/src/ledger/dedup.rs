@@ -22,7 +22,11 @@
 //! segments that hold it (or to the key's own record, location
 //! [`OWN_RECORD`]). A lookup reads only those segments, newest first, and
 //! compares the keys, so a hash collision costs a read, never a wrong
-//! answer; a hash that is not in the index was never recorded. The index
+//! answer; a hash that is not in the index was never recorded. Each
+//! location also holds the record's position in its segment
+//! ([`Location`]), which the lookup tries first: in a ledger too large for
+//! the CPU caches, scanning a segment's fingerprints was a third of a hit
+//! (BENCHMARKS.md, item 26). The index
 //! takes about 20–40 bytes per recorded key (a `HashMap<u64, u64>` entry),
 //! where the Bloom filter it replaces took about 2 and still needed a sled
 //! read for every duplicate.
@@ -105,9 +109,60 @@ impl Hasher for PassThrough {
 
 type Map<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
 
+/// Where an idempotency key's record is: the segment's sequence (or
+/// [`OWN_RECORD`]) and the record's position in that segment. The
+/// position is a hint the lookup checks before it scans the segment
+/// ([`super::records::find_in_dedup_segment`]): a sweep that rewrites a
+/// segment moves its records, and only the low [`SLOT_BITS`] bits of it
+/// are kept; a wrong hint costs the scan, never a wrong answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Segment sequence, or [`OWN_RECORD`].
+    pub at: u64,
+    /// Position of the record in the segment (a hint).
+    pub slot: usize,
+}
+
+impl Location {
+    /// A record at position `slot` of segment `at`.
+    pub fn new(at: u64, slot: usize) -> Location {
+        Location { at, slot }
+    }
+}
+
+/// Bits of a [`Location`]'s slot the index keeps: the index stores a
+/// location as ONE `u64`, the sequence above these bits (so a segment
+/// takes no more memory per key than it did without the hint).
+pub const SLOT_BITS: u32 = 8;
+/// Segment sequences the index can hold: [`super::Ledger::next_id`] never
+/// hands out more.
+pub const SEQUENCE_LIMIT: u64 = 1 << (64 - SLOT_BITS);
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+
+fn pack(l: Location) -> Result<u64> {
+    if l.at >= SEQUENCE_LIMIT {
+        return Err(LedgerError::Corrupt(format!(
+            "idempotency segment sequence {} is beyond the index's limit {SEQUENCE_LIMIT}",
+            l.at
+        )));
+    }
+    Ok(l.at << SLOT_BITS | (l.slot as u64 & SLOT_MASK))
+}
+
+fn unpack(v: u64) -> Location {
+    Location {
+        at: v >> SLOT_BITS,
+        slot: (v & SLOT_MASK) as usize,
+    }
+}
+
+fn sequence(v: u64) -> u64 {
+    v >> SLOT_BITS
+}
+
 /// One shard: a hash with one location in `one`, with several (a key
 /// recorded again, or two keys whose hashes collide) in `many`; never in
-/// both.
+/// both. Locations are [`pack`]ed; a hash has at most one per sequence.
 #[derive(Default)]
 struct Shard {
     one: Map<u64>,
@@ -115,29 +170,33 @@ struct Shard {
 }
 
 impl Shard {
-    fn insert(&mut self, hash: u64, at: u64) {
+    /// Adds `packed`; a location in the same segment is replaced (the
+    /// later record of a key written twice in one segment is its answer).
+    fn insert(&mut self, hash: u64, packed: u64) {
+        let at = sequence(packed);
         if let Some(list) = self.many.get_mut(&hash) {
-            if !list.contains(&at) {
-                list.push(at);
+            match list.iter_mut().find(|l| sequence(**l) == at) {
+                Some(l) => *l = packed,
+                None => list.push(packed),
             }
             return;
         }
-        match self.one.insert(hash, at) {
-            Some(before) if before != at => {
+        match self.one.insert(hash, packed) {
+            Some(before) if sequence(before) != at => {
                 self.one.remove(&hash);
-                self.many.insert(hash, vec![before, at]);
+                self.many.insert(hash, vec![before, packed]);
             }
             _ => {}
         }
     }
 
     fn remove(&mut self, hash: u64, at: u64) {
-        if self.one.get(&hash) == Some(&at) {
+        if self.one.get(&hash).is_some_and(|l| sequence(*l) == at) {
             self.one.remove(&hash);
             return;
         }
         if let Some(list) = self.many.get_mut(&hash) {
-            list.retain(|a| *a != at);
+            list.retain(|l| sequence(*l) != at);
             if list.len() == 1 {
                 let last = list[0];
                 self.many.remove(&hash);
@@ -148,12 +207,16 @@ impl Shard {
         }
     }
 
-    fn get(&self, hash: u64) -> Vec<u64> {
-        if let Some(at) = self.one.get(&hash) {
-            return vec![*at];
+    fn get(&self, hash: u64) -> Vec<Location> {
+        if let Some(l) = self.one.get(&hash) {
+            return vec![unpack(*l)];
         }
-        let mut list = self.many.get(&hash).cloned().unwrap_or_default();
-        list.sort_unstable_by(|a, b| b.cmp(a));
+        let mut list: Vec<Location> = self
+            .many
+            .get(&hash)
+            .map(|l| l.iter().map(|l| unpack(*l)).collect())
+            .unwrap_or_default();
+        list.sort_unstable_by_key(|l| std::cmp::Reverse(l.at));
         list
     }
 
@@ -206,16 +269,20 @@ impl DedupIndex {
         &self.shards[(hash >> (64 - SHARD_BITS)) as usize]
     }
 
-    /// Records that the key of `hash` is at `at` (a segment sequence or
-    /// [`OWN_RECORD`]).
-    pub fn insert(&self, hash: u64, at: u64) {
+    /// Records that the key of `hash` is at `location` (replacing the
+    /// slot of a location in the same segment). `Err` for a sequence at or
+    /// beyond [`SEQUENCE_LIMIT`].
+    pub fn insert(&self, hash: u64, location: Location) -> Result<()> {
+        let packed = pack(location)?;
         self.shard(hash)
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(hash, at);
+            .insert(hash, packed);
+        Ok(())
     }
 
-    /// Forgets that the key of `hash` is at `at`.
+    /// Forgets that the key of `hash` is in segment `at` (or at
+    /// [`OWN_RECORD`]).
     pub fn remove(&self, hash: u64, at: u64) {
         self.shard(hash)
             .write()
@@ -225,7 +292,7 @@ impl DedupIndex {
 
     /// Where keys of `hash` may be, newest first; empty when no such key
     /// was recorded. Waits for the fill.
-    pub fn locations(&self, hash: u64) -> Result<Vec<u64>> {
+    pub fn locations(&self, hash: u64) -> Result<Vec<Location>> {
         self.wait_filled()?;
         Ok(self
             .shard(hash)
@@ -281,15 +348,19 @@ impl DedupIndex {
     }
 }
 
-/// Calls `f` with (hash, sequence) of every idempotency key of one
-/// `dedup_segments` entry; returns how many.
-pub fn segment_locations(key: &[u8], value: &[u8], mut f: impl FnMut(u64, u64)) -> Result<usize> {
+/// Calls `f` with (hash, location) of every idempotency key of one
+/// `dedup_segments` entry, in the segment's order; returns how many.
+pub fn segment_locations(
+    key: &[u8],
+    value: &[u8],
+    mut f: impl FnMut(u64, Location) -> Result<()>,
+) -> Result<usize> {
     let (handler, sequence) = keys::parse_dedup_segment(key).ok_or_else(|| {
         LedgerError::Corrupt("dedup_segments: key is not (handler, sequence)".into())
     })?;
     let records = decode_dedup_segment(value)?;
-    for (k, _) in &records {
-        f(key_hash(handler, k), sequence);
+    for (slot, (k, _)) in records.iter().enumerate() {
+        f(key_hash(handler, k), Location::new(sequence, slot))?;
     }
     Ok(records.len())
 }
@@ -319,30 +390,73 @@ mod tests {
         assert_ne!(key_hash("a", "b"), key_hash("ab", ""));
     }
 
+    fn at(index: &DedupIndex, hash: u64) -> Vec<u64> {
+        index
+            .locations(hash)
+            .unwrap()
+            .iter()
+            .map(|l| l.at)
+            .collect()
+    }
+
+    fn put(index: &DedupIndex, hash: u64, at: u64) {
+        index.insert(hash, Location::new(at, 0)).unwrap();
+    }
+
     #[test]
     fn colliding_and_rerecorded_keys_keep_every_location_until_removed() {
         let index = DedupIndex::new();
         index.finish_fill(Ok(()));
-        index.insert(7, 10);
-        assert_eq!(index.locations(7).unwrap(), vec![10]);
-        index.insert(7, 10);
-        assert_eq!(index.locations(7).unwrap(), vec![10], "no duplicate entry");
-        index.insert(7, OWN_RECORD);
-        index.insert(7, 30);
-        assert_eq!(
-            index.locations(7).unwrap(),
-            vec![30, 10, OWN_RECORD],
-            "newest first"
-        );
+        put(&index, 7, 10);
+        assert_eq!(at(&index, 7), vec![10]);
+        put(&index, 7, 10);
+        assert_eq!(at(&index, 7), vec![10], "no duplicate entry");
+        put(&index, 7, OWN_RECORD);
+        put(&index, 7, 30);
+        assert_eq!(at(&index, 7), vec![30, 10, OWN_RECORD], "newest first");
         index.remove(7, 10);
-        assert_eq!(index.locations(7).unwrap(), vec![30, OWN_RECORD]);
+        assert_eq!(at(&index, 7), vec![30, OWN_RECORD]);
         index.remove(7, OWN_RECORD);
-        assert_eq!(index.locations(7).unwrap(), vec![30]);
+        assert_eq!(at(&index, 7), vec![30]);
         index.remove(7, 99);
-        assert_eq!(index.locations(7).unwrap(), vec![30], "unknown location");
+        assert_eq!(at(&index, 7), vec![30], "unknown location");
         index.remove(7, 30);
         assert!(index.locations(7).unwrap().is_empty());
         assert!(index.locations(8).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_location_keeps_its_slot_and_the_later_one_in_a_segment_wins() {
+        let index = DedupIndex::new();
+        index.finish_fill(Ok(()));
+        index.insert(7, Location::new(10, 3)).unwrap();
+        assert_eq!(index.locations(7).unwrap(), vec![Location::new(10, 3)]);
+        index.insert(7, Location::new(10, 200)).unwrap();
+        assert_eq!(
+            index.locations(7).unwrap(),
+            vec![Location::new(10, 200)],
+            "one location per segment, the later slot"
+        );
+        index.insert(7, Location::new(20, 255)).unwrap();
+        index.insert(7, Location::new(10, 5)).unwrap();
+        assert_eq!(
+            index.locations(7).unwrap(),
+            vec![Location::new(20, 255), Location::new(10, 5)],
+            "replaced among several too"
+        );
+        // The index keeps SLOT_BITS of a slot: a larger one is a wrong
+        // hint the lookup corrects, not a lost location.
+        index.insert(8, Location::new(10, 256 + 4)).unwrap();
+        assert_eq!(index.locations(8).unwrap(), vec![Location::new(10, 4)]);
+        let top = Location::new(SEQUENCE_LIMIT - 1, 255);
+        index.insert(9, top).unwrap();
+        assert_eq!(index.locations(9).unwrap(), vec![top]);
+        let e = index
+            .insert(9, Location::new(SEQUENCE_LIMIT, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beyond the index's limit"), "{e}");
+        assert_eq!(index.locations(9).unwrap(), vec![top], "nothing stored");
     }
 
     #[test]
@@ -351,10 +465,10 @@ mod tests {
         index.finish_fill(Ok(()));
         let ends = [0, u64::MAX, 1 << 63, (1 << 63) - 1, 1 << (64 - SHARD_BITS)];
         for (i, hash) in ends.into_iter().enumerate() {
-            index.insert(hash, i as u64 + 1);
+            put(&index, hash, i as u64 + 1);
         }
         for (i, hash) in ends.into_iter().enumerate() {
-            assert_eq!(index.locations(hash).unwrap(), vec![i as u64 + 1]);
+            assert_eq!(at(&index, hash), vec![i as u64 + 1]);
         }
         let used = index
             .shards
@@ -398,7 +512,7 @@ mod tests {
     #[test]
     fn lookups_wait_for_the_fill_and_fail_with_it() {
         let index = std::sync::Arc::new(DedupIndex::new());
-        index.insert(1, 5);
+        put(&index, 1, 5);
         assert!(!index.is_filled());
         let waiting = {
             let index = index.clone();
@@ -407,7 +521,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!waiting.is_finished(), "a lookup answered before the fill");
         index.finish_fill(Ok(()));
-        assert_eq!(waiting.join().unwrap().unwrap(), vec![5]);
+        assert_eq!(waiting.join().unwrap().unwrap(), vec![Location::new(5, 0)]);
 
         let failed = DedupIndex::new();
         failed.finish_fill(Err("disk gone".into()));

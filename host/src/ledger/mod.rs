@@ -292,7 +292,10 @@ impl IndexFill {
                     return Ok(false);
                 }
                 let (k, _) = entry?;
-                index.insert(dedup::encoded_key_hash(&k), dedup::OWN_RECORD);
+                index.insert(
+                    dedup::encoded_key_hash(&k),
+                    dedup::Location::new(dedup::OWN_RECORD, 0),
+                )?;
                 keys += 1;
             }
             for entry in segments.iter() {
@@ -997,7 +1000,7 @@ impl Ledger {
         idempotency_key: &str,
     ) -> Result<Option<(u64, DedupRecord)>> {
         let hash = dedup::key_hash(handler, idempotency_key);
-        for at in self.inner.dedup_index.locations(hash)? {
+        for dedup::Location { at, slot } in self.inner.dedup_index.locations(hash)? {
             let record = if at == dedup::OWN_RECORD {
                 let key = keys::dedup(handler, idempotency_key);
                 match self.trees().dedup.get(key)? {
@@ -1010,7 +1013,7 @@ impl Ledger {
                     .dedup_segments
                     .get(keys::dedup_segment(handler, at))?
                 {
-                    Some(v) => find_in_dedup_segment(&v, idempotency_key)?,
+                    Some(v) => find_in_dedup_segment(&v, idempotency_key, slot)?,
                     None => None,
                 }
             };
@@ -1051,13 +1054,14 @@ impl Ledger {
     ) -> Result<()> {
         for segment in dedup::cut(records) {
             let sequence = self.next_id()?;
-            for (k, _) in segment {
+            for (slot, (k, _)) in segment.iter().enumerate() {
                 // Before the write: a key must never be in the ledger and
                 // not in the index (a failed write leaves an entry whose
                 // segment is missing, which a lookup skips).
-                self.inner
-                    .dedup_index
-                    .insert(dedup::key_hash(handler, k), sequence);
+                self.inner.dedup_index.insert(
+                    dedup::key_hash(handler, k),
+                    dedup::Location::new(sequence, slot),
+                )?;
             }
             writes.insert(
                 &self.trees().dedup_segments,
@@ -1071,9 +1075,10 @@ impl Ledger {
     /// Writes one idempotency record under its own key, as format 4 did
     /// (the import of a record that does not decode), indexing it first.
     pub(crate) fn put_dedup_own_record(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.inner
-            .dedup_index
-            .insert(dedup::encoded_key_hash(key), dedup::OWN_RECORD);
+        self.inner.dedup_index.insert(
+            dedup::encoded_key_hash(key),
+            dedup::Location::new(dedup::OWN_RECORD, 0),
+        )?;
         self.trees().dedup.insert(key, value)
     }
 
@@ -1169,8 +1174,10 @@ impl Ledger {
                     || self.recorded_after(handler, key, at)?))
         };
         let mut writes = Writes::default();
-        // Index entries to remove once the removals are applied.
+        // Index entries to remove once the removals are applied, and the
+        // new positions of the records kept in a rewritten segment.
         let mut unindex: Vec<(u64, u64)> = Vec::new();
+        let mut reindex: Vec<(u64, dedup::Location)> = Vec::new();
         let (mut removed, mut scanned) = (0, 0);
         let mut next = None;
         // A position is a phase byte (0: the own-key records of `dedup`, 1:
@@ -1238,11 +1245,21 @@ impl Ledger {
             } else {
                 let kept: Vec<(&str, &DedupRecord)> = kept.iter().map(|(k, r)| (*k, r)).collect();
                 writes.insert(segments, &k, encode_dedup_segment(&kept)?);
+                for (slot, (key, _)) in kept.iter().enumerate() {
+                    reindex.push((
+                        dedup::key_hash(handler, key),
+                        dedup::Location::new(sequence, slot),
+                    ));
+                }
             }
         }
         self.apply(writes)?;
         for (hash, at) in unindex {
             self.inner.dedup_index.remove(hash, at);
+        }
+        // Until here a lookup of a kept record misses its hint and scans.
+        for (hash, location) in reindex {
+            self.inner.dedup_index.insert(hash, location)?;
         }
         Ok((removed, next))
     }
@@ -1558,7 +1575,10 @@ impl Ledger {
                 if std::ptr::eq(tree, &t.dedup) {
                     unindex.push((dedup::encoded_key_hash(&k), dedup::OWN_RECORD));
                 } else if std::ptr::eq(tree, &t.dedup_segments) {
-                    dedup::segment_locations(&k, &v, |hash, at| unindex.push((hash, at)))?;
+                    dedup::segment_locations(&k, &v, |hash, l| {
+                        unindex.push((hash, l.at));
+                        Ok(())
+                    })?;
                 }
                 writes.remove(tree, &k);
                 removed += 1;

@@ -296,13 +296,30 @@ pub fn decode_dedup_segment(bytes: &[u8]) -> Result<Vec<(&str, DedupRecord)>, Le
 }
 
 /// The last record of `idempotency_key` in an idempotency segment: only
-/// the entries whose fingerprint matches are decoded.
+/// the entries whose fingerprint matches are decoded. `hint` is where the
+/// index last saw the key ([`super::dedup::Location`]); it is tried first,
+/// and the fingerprints are scanned only when it is wrong. A right hint
+/// is the last record of its key: the index keeps a segment's later
+/// position, and a sweep that drops records moves the others only towards
+/// the front, so whatever now sits at a stale hint is not an earlier
+/// record of the key. In a segment longer than the index's slots, whose
+/// hints wrap, only the scan answers.
 pub fn find_in_dedup_segment(
     bytes: &[u8],
     idempotency_key: &str,
+    hint: usize,
 ) -> Result<Option<DedupRecord>, LedgerError> {
     let view = DedupSegmentView::new(bytes)?;
     let fingerprint = crate::source::fnv1a_32(idempotency_key.as_bytes());
+    if hint < view.len()
+        && view.len() <= 1 << super::dedup::SLOT_BITS
+        && view.word(hint, 0) == fingerprint
+    {
+        let (key, record) = view.entry(hint)?;
+        if key == idempotency_key {
+            return Ok(Some(record));
+        }
+    }
     for i in (0..view.len()).rev() {
         if view.word(i, 0) == fingerprint {
             let (key, record) = view.entry(i)?;
@@ -758,22 +775,64 @@ mod tests {
             decode_dedup_segment(&bytes).unwrap(),
             vec![("k1", a), ("k2", b.clone()), ("k1", c.clone())]
         );
-        assert_eq!(
-            find_in_dedup_segment(&bytes, "k1").unwrap(),
-            Some(c),
-            "the last one"
-        );
-        assert_eq!(find_in_dedup_segment(&bytes, "k2").unwrap(), Some(b));
-        assert_eq!(find_in_dedup_segment(&bytes, "k").unwrap(), None);
+        // Every hint the index can hold, right, wrong or out of range, gives
+        // the same answer (never the position of an earlier record of the
+        // key: 0 for "k1").
+        for hint in [1, 2, 3, 1000] {
+            assert_eq!(
+                find_in_dedup_segment(&bytes, "k1", hint).unwrap(),
+                Some(c.clone()),
+                "the last one, hint {hint}"
+            );
+            assert_eq!(
+                find_in_dedup_segment(&bytes, "k2", hint).unwrap(),
+                Some(b.clone())
+            );
+            assert_eq!(find_in_dedup_segment(&bytes, "k", hint).unwrap(), None);
+        }
         for cut in 1..bytes.len() {
             assert!(
-                find_in_dedup_segment(&bytes[..cut], "zz").is_err(),
+                find_in_dedup_segment(&bytes[..cut], "zz", 0).is_err(),
                 "cut at {cut}"
             );
         }
         assert!(
-            find_in_dedup_segment(&[7, 1], "k1").is_err(),
+            find_in_dedup_segment(&[7, 1], "k1", 0).is_err(),
             "unknown format"
+        );
+    }
+
+    #[test]
+    fn a_hint_into_a_segment_longer_than_the_slots_is_not_trusted() {
+        let record = |offset| DedupRecord {
+            offset,
+            partition: 0,
+            version: 1,
+            payload_hash: [0; 16],
+            committed_at_ms: 0,
+            outcome: DedupOutcome::Committed,
+        };
+        let slots = 1usize << super::super::dedup::SLOT_BITS;
+        let keys: Vec<String> = (0..slots + 3).map(|i| format!("k{i}")).collect();
+        let records: Vec<DedupRecord> = (0..keys.len() as u64).map(record).collect();
+        let mut entries: Vec<(&str, &DedupRecord)> = keys
+            .iter()
+            .zip(&records)
+            .map(|(k, r)| (k.as_str(), r))
+            .collect();
+        // "k3" again past the slots: its wrapped hint is the first "k3".
+        let newer = record(99_999);
+        entries.push(("k3", &newer));
+        let bytes = encode_dedup_segment(&entries).unwrap();
+        let wrapped = (entries.len() - 1) % slots;
+        assert_eq!(
+            wrapped, 3,
+            "the hint the index keeps points at the older k3"
+        );
+        assert_eq!(
+            find_in_dedup_segment(&bytes, "k3", wrapped).unwrap(),
+            Some(newer),
+            "the newer record, not the one at the wrapped hint"
         );
     }
 

@@ -1068,6 +1068,19 @@ fn a_batchs_idempotency_records_are_segments_and_the_newest_record_wins() {
             "m{i}"
         );
     }
+    // The fill gave every key its position in its segment.
+    let slot = |key: &str| -> Vec<usize> {
+        let hash = dedup::key_hash("h", key);
+        let at = ledger.inner.dedup_index.locations(hash).unwrap();
+        at.iter().map(|l| l.slot).collect()
+    };
+    assert_eq!(slot("m0"), vec![0]);
+    assert_eq!(slot("m300"), vec![300 - dedup::SEGMENT_MAX]);
+    assert_eq!(
+        slot("m5"),
+        vec![0, 0, 5],
+        "newest first: its own segments, then the first"
+    );
     assert_eq!(ledger.dedup_get("h", "m600").unwrap(), None);
     assert_eq!(
         ledger.dedup_get("other", "m1").unwrap(),
@@ -1142,6 +1155,16 @@ fn the_sweep_removes_expired_records_and_keeps_a_segments_others() {
             .is_some());
     }
     assert_eq!(dedup_entries(&ledger), (0, 2), "the old segment rewritten");
+    let old3 = ledger
+        .inner
+        .dedup_index
+        .locations(dedup::key_hash("h", "old3"))
+        .unwrap();
+    assert_eq!(
+        old3.iter().map(|l| l.slot).collect::<Vec<_>>(),
+        vec![0],
+        "old3 is first in its rewritten segment, and the index says so"
+    );
     // Sweeping everything committed leaves the dead-lettered record only.
     let (removed, _) = ledger.sweep_dedup(&[], u64::MAX, 1_000).unwrap();
     assert_eq!(removed, 10);
