@@ -252,6 +252,12 @@ pub struct DedupIndex {
 /// shards of 10 million keys that was a pause of up to 3 ms for the
 /// commit and for lookups in the shard (BENCHMARKS.md, item 24).
 const SHARD_BITS: u32 = 10;
+
+/// Whether `hash` is in the upper half of the shards (the index's fill
+/// splits them between two threads).
+pub fn upper_half(hash: u64) -> bool {
+    hash >> 63 == 1
+}
 const SHARDS: usize = 1 << SHARD_BITS;
 
 impl DedupIndex {

@@ -1097,6 +1097,46 @@ fn a_batchs_idempotency_records_are_segments_and_the_newest_record_wins() {
 }
 
 #[test]
+fn a_key_twice_in_one_segment_answers_with_the_later_record_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    // Keys in both halves of the index's shards, which two threads fill.
+    let keys: Vec<String> = (0..64).map(|i| format!("k{i}")).collect();
+    assert!(keys
+        .iter()
+        .any(|k| dedup::upper_half(dedup::key_hash("h", k))));
+    assert!(keys
+        .iter()
+        .any(|k| !dedup::upper_half(dedup::key_hash("h", k))));
+    let later = |i: usize| dedup_record(1_000 + i as u64);
+    let check = |ledger: &Ledger| {
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(ledger.dedup_get("h", k).unwrap(), Some(later(i)), "{k}");
+        }
+    };
+    {
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let batch: Vec<(String, DedupRecord)> = (0..2)
+            .flat_map(|round| {
+                keys.iter().enumerate().map(move |(i, k)| {
+                    let record = if round == 0 {
+                        dedup_record(i as u64)
+                    } else {
+                        later(i)
+                    };
+                    (k.clone(), record)
+                })
+            })
+            .collect();
+        ledger.commit(&dedup_batch(&batch)).unwrap();
+        ledger.flush().unwrap();
+        assert_eq!(dedup_entries(&ledger), (0, 1), "one segment");
+        check(&ledger);
+    }
+    let ledger = Ledger::open(dir.path()).unwrap();
+    check(&ledger);
+}
+
+#[test]
 fn the_sweep_removes_expired_records_and_keeps_a_segments_others() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(dir.path()).unwrap();
