@@ -759,17 +759,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_idempotency_segment_is_searched_as_it_decodes() {
-        let record = |offset| DedupRecord {
+    fn committed(offset: u64) -> DedupRecord {
+        DedupRecord {
             offset,
             partition: 3,
             version: 2,
             payload_hash: [9; 16],
             committed_at_ms: 1_700_000_000_000,
             outcome: DedupOutcome::Committed,
-        };
-        let (a, b, c) = (record(1), record(300), record(70_000));
+        }
+    }
+
+    #[test]
+    fn an_idempotency_segment_is_searched_as_it_decodes() {
+        let (a, b, c) = (committed(1), committed(300), committed(70_000));
         let bytes = encode_dedup_segment(&[("k1", &a), ("k2", &b), ("k1", &c)]).unwrap();
         assert_eq!(
             decode_dedup_segment(&bytes).unwrap(),
@@ -804,24 +807,16 @@ mod tests {
 
     #[test]
     fn a_hint_into_a_segment_longer_than_the_slots_is_not_trusted() {
-        let record = |offset| DedupRecord {
-            offset,
-            partition: 0,
-            version: 1,
-            payload_hash: [0; 16],
-            committed_at_ms: 0,
-            outcome: DedupOutcome::Committed,
-        };
         let slots = 1usize << super::super::dedup::SLOT_BITS;
         let keys: Vec<String> = (0..slots + 3).map(|i| format!("k{i}")).collect();
-        let records: Vec<DedupRecord> = (0..keys.len() as u64).map(record).collect();
+        let records: Vec<DedupRecord> = (0..keys.len() as u64).map(committed).collect();
         let mut entries: Vec<(&str, &DedupRecord)> = keys
             .iter()
             .zip(&records)
             .map(|(k, r)| (k.as_str(), r))
             .collect();
         // "k3" again past the slots: its wrapped hint is the first "k3".
-        let newer = record(99_999);
+        let newer = committed(99_999);
         entries.push(("k3", &newer));
         let bytes = encode_dedup_segment(&entries).unwrap();
         let wrapped = (entries.len() - 1) % slots;
