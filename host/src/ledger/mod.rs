@@ -398,7 +398,11 @@ impl IndexFill {
             drop(to_helper);
             let helped = match helper.map(|h| h.join()) {
                 Some(Ok(helped)) => helped,
-                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                // A failed fill, not a panic of the fill's thread: lookups
+                // would wait for it forever.
+                Some(Err(_)) => Err(LedgerError::Io(std::io::Error::other(
+                    "the helper filling the idempotency index panicked",
+                ))),
                 None => Ok(()),
             };
             // The reader's error first: a helper that failed made it stop.
