@@ -134,8 +134,9 @@ impl Location {
 /// location as ONE `u64`, the sequence above these bits (so a segment
 /// takes no more memory per key than it did without the hint).
 pub const SLOT_BITS: u32 = 8;
-/// Segment sequences the index can hold: [`super::Ledger::next_id`] never
-/// hands out more.
+/// Segment sequences the index can hold (2^56; at a million ids a second
+/// [`super::Ledger::next_id`] reaches it in two thousand years). The index
+/// refuses a larger one with an error rather than cut it.
 pub const SEQUENCE_LIMIT: u64 = 1 << (64 - SLOT_BITS);
 const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
 
