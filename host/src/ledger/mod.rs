@@ -358,18 +358,19 @@ impl IndexFill {
             let send = |upper: &mut Vec<(u64, dedup::Location)>,
                         to_helper: &mut Option<std::sync::mpsc::SyncSender<_>>|
              -> Result<()> {
-                let batch = std::mem::take(upper);
+                let mut batch = std::mem::take(upper);
                 if let Some(tx) = to_helper.as_ref() {
-                    if let Err(std::sync::mpsc::SendError(batch)) = tx.send(batch) {
-                        *to_helper = None;
-                        for (hash, at) in batch {
-                            index.insert(hash, at)?;
+                    match tx.send(batch) {
+                        Ok(()) => return Ok(()),
+                        // The helper hung up: this thread takes over.
+                        Err(std::sync::mpsc::SendError(unsent)) => {
+                            *to_helper = None;
+                            batch = unsent;
                         }
                     }
-                } else {
-                    for (hash, at) in batch {
-                        index.insert(hash, at)?;
-                    }
+                }
+                for (hash, at) in batch {
+                    index.insert(hash, at)?;
                 }
                 Ok(())
             };

@@ -1026,6 +1026,13 @@ fn wait_index_filled(ledger: &Ledger) {
     }
 }
 
+/// The positions the index holds for handler `h`'s `key`, newest first.
+fn index_slots(ledger: &Ledger, key: &str) -> Vec<usize> {
+    let hash = dedup::key_hash("h", key);
+    let at = ledger.inner.dedup_index.locations(hash).unwrap();
+    at.iter().map(|l| l.slot).collect()
+}
+
 #[test]
 fn a_batchs_idempotency_records_are_segments_and_the_newest_record_wins() {
     let dir = tempfile::tempdir().unwrap();
@@ -1069,11 +1076,7 @@ fn a_batchs_idempotency_records_are_segments_and_the_newest_record_wins() {
         );
     }
     // The fill gave every key its position in its segment.
-    let slot = |key: &str| -> Vec<usize> {
-        let hash = dedup::key_hash("h", key);
-        let at = ledger.inner.dedup_index.locations(hash).unwrap();
-        at.iter().map(|l| l.slot).collect()
-    };
+    let slot = |key: &str| index_slots(&ledger, key);
     assert_eq!(slot("m0"), vec![0]);
     assert_eq!(slot("m300"), vec![300 - dedup::SEGMENT_MAX]);
     assert_eq!(
@@ -1195,13 +1198,8 @@ fn the_sweep_removes_expired_records_and_keeps_a_segments_others() {
             .is_some());
     }
     assert_eq!(dedup_entries(&ledger), (0, 2), "the old segment rewritten");
-    let old3 = ledger
-        .inner
-        .dedup_index
-        .locations(dedup::key_hash("h", "old3"))
-        .unwrap();
     assert_eq!(
-        old3.iter().map(|l| l.slot).collect::<Vec<_>>(),
+        index_slots(&ledger, "old3"),
         vec![0],
         "old3 is first in its rewritten segment, and the index says so"
     );
