@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use super::latency;
+
 use crate::api::ingest::IncomingMessage;
 use crate::dispatch::NativeHandler;
 use crate::host::{Host, HostConfig};
@@ -41,6 +43,10 @@ pub struct CompareArgs {
     /// Partition keys.
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
+    /// Probes timed in each run's latency phase, one every 20 ms, at half
+    /// the rate the run drained (0 leaves the latency phase out).
+    #[arg(long, default_value_t = 250)]
+    latency_samples: usize,
     /// PostgreSQL connection string of the baseline.
     #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=test")]
     postgres: String,
@@ -60,12 +66,23 @@ struct RunResult {
     messages_per_flush: Option<f64>,
     /// Bytes written to storage per message while draining.
     bytes_per_message: Option<f64>,
+    /// The latency phase: messages offered per second, and produce→committed
+    /// p50 and p99 (ms) at that load.
+    latency: Option<Latency>,
 }
 
 impl RunResult {
     fn rate(&self) -> f64 {
         self.messages as f64 / self.secs.max(1e-9)
     }
+}
+
+/// What a latency phase measured.
+#[derive(Clone, Copy)]
+struct Latency {
+    offered: f64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 /// (key, seq) of message `i`, and whether it is delivered twice.
@@ -77,12 +94,7 @@ fn workload(messages: usize, keys: usize) -> Vec<IncomingMessage> {
     let mut out = Vec::with_capacity(messages * 11 / 10);
     for i in 0..messages {
         let (key, seq, dup) = nth(i, keys);
-        let m = IncomingMessage {
-            key: format!("key-{key}"),
-            idempotency_key: Some(format!("key-{key}/{seq}")),
-            payload: format!("{{\"seq\":{seq}}}").into_bytes(),
-            headers: vec![],
-        };
+        let m = super::latency::msg(key, seq);
         if dup {
             out.push(m.clone());
         }
@@ -217,11 +229,25 @@ enum Mode {
 /// Messages per instance of the opt-in row (a lane batch holds up to 256).
 const REUSE: u32 = 64;
 
+/// Time between two producer requests of a latency phase.
+const LOAD_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The latency phase every run ends with: an open-loop load at half the
+/// rate the run drained.
+struct LatencyPhase {
+    /// Probes to time (none: no latency phase).
+    samples: usize,
+    /// Partition keys of the load.
+    keys: usize,
+}
+
 async fn run_ordo(
     name: &str,
     mode: Mode,
     dedup: bool,
     messages: &[IncomingMessage],
+    phase: &LatencyPhase,
+    load_rate: Option<f64>,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<RunResult> {
     let dir = tempfile::tempdir_in(".")?;
@@ -265,6 +291,33 @@ async fn run_ordo(
     let (secs, cpu_pct, peak_rss_mib) = meter.finish();
     let flushes = host.committer().flushes() - flushes0;
     let commits = host.committer().commits() - commits0;
+    let latency = match phase.samples {
+        0 => None,
+        samples => {
+            bar.set_message(format!("{name}: latency at half load"));
+            bar.set_length(samples as u64);
+            let load = latency::Load {
+                per_second: load_rate.unwrap_or(total as f64 / secs.max(1e-9) / 2.0),
+                interval: LOAD_INTERVAL,
+                keys: phase.keys,
+                samples,
+            };
+            match latency::under_load(&host, &load).await {
+                Ok(loaded) => Some(Latency {
+                    offered: loaded.sent as f64 / loaded.secs,
+                    p50_ms: loaded.ms(0, 0.5),
+                    p99_ms: loaded.ms(0, 0.99),
+                }),
+                Err(e) => {
+                    host.shutdown().await?;
+                    anyhow::bail!(
+                        "{name}: latency phase at {:.0} msg/s offered: {e:#}",
+                        load.per_second
+                    );
+                }
+            }
+        }
+    };
     host.shutdown().await?;
     Ok(RunResult {
         name: name.to_string(),
@@ -275,7 +328,70 @@ async fn run_ordo(
         commits_per_flush: Some(commits as f64 / flushes.max(1) as f64),
         messages_per_flush: Some(total as f64 / flushes.max(1) as f64),
         bytes_per_message: Some(written / total.max(1) as f64),
+        latency,
     })
+}
+
+/// One worker of the hand-written pattern: a connection and its prepared
+/// statements.
+struct PgWorker {
+    client: tokio_postgres::Client,
+    insert: tokio_postgres::Statement,
+    select: tokio_postgres::Statement,
+    update: tokio_postgres::Statement,
+    create: tokio_postgres::Statement,
+}
+
+impl PgWorker {
+    async fn connect(conn: &str) -> anyhow::Result<PgWorker> {
+        let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let insert = client
+            .prepare(
+                "INSERT INTO ordo_bench_processed VALUES ('counter', $1) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let select = client
+            .prepare("SELECT seqs, count FROM ordo_bench_state WHERE key = $1 FOR UPDATE")
+            .await?;
+        let update = client
+            .prepare("UPDATE ordo_bench_state SET seqs = $2, count = $3 WHERE key = $1")
+            .await?;
+        let create = client
+            .prepare("INSERT INTO ordo_bench_state VALUES ($1, $2, 1)")
+            .await?;
+        Ok(PgWorker {
+            client,
+            insert,
+            select,
+            update,
+            create,
+        })
+    }
+
+    /// One message, one transaction: record its id (a duplicate stops
+    /// there), lock and update the key's state row, commit.
+    async fn process(&mut self, key: &str, id: &str, seq: u64) -> anyhow::Result<()> {
+        let tx = self.client.transaction().await?;
+        if tx.execute(&self.insert, &[&id]).await? == 1 {
+            match tx.query_opt(&self.select, &[&key]).await? {
+                Some(row) => {
+                    let seqs: String = row.get(0);
+                    let count: i64 = row.get(1);
+                    tx.execute(
+                        &self.update,
+                        &[&key, &format!("{seqs},{seq}"), &(count + 1)],
+                    )
+                    .await?;
+                }
+                None => {
+                    tx.execute(&self.create, &[&key, &seq.to_string()]).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }
 
 /// The hand-written pattern: per message one PostgreSQL transaction.
@@ -283,6 +399,7 @@ async fn run_postgres(
     conn: &str,
     messages: &[IncomingMessage],
     workers: usize,
+    phase: &LatencyPhase,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<RunResult> {
     let (setup, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
@@ -322,37 +439,9 @@ async fn run_postgres(
         let conn = conn.to_string();
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut client, connection) =
-                tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
-            let insert = client
-                .prepare("INSERT INTO ordo_bench_processed VALUES ('counter', $1) ON CONFLICT DO NOTHING")
-                .await?;
-            let select = client
-                .prepare("SELECT seqs, count FROM ordo_bench_state WHERE key = $1 FOR UPDATE")
-                .await?;
-            let update = client
-                .prepare("UPDATE ordo_bench_state SET seqs = $2, count = $3 WHERE key = $1")
-                .await?;
-            let create = client
-                .prepare("INSERT INTO ordo_bench_state VALUES ($1, $2, 1)")
-                .await?;
+            let mut worker = PgWorker::connect(&conn).await?;
             for (key, id, seq) in queue {
-                let tx = client.transaction().await?;
-                if tx.execute(&insert, &[&id]).await? == 1 {
-                    match tx.query_opt(&select, &[&key]).await? {
-                        Some(row) => {
-                            let seqs: String = row.get(0);
-                            let count: i64 = row.get(1);
-                            tx.execute(&update, &[&key, &format!("{seqs},{seq}"), &(count + 1)])
-                                .await?;
-                        }
-                        None => {
-                            tx.execute(&create, &[&key, &seq.to_string()]).await?;
-                        }
-                    }
-                }
-                tx.commit().await?;
+                worker.process(&key, &id, seq).await?;
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -370,6 +459,27 @@ async fn run_postgres(
         }
     }
     let (secs, _, _) = meter.finish();
+    let latency = match phase.samples {
+        0 => None,
+        samples => {
+            bar.set_message("postgres baseline: latency at half load");
+            bar.set_length(0);
+            // As long as an ordo run's probes take at the least.
+            let duration = latency::PROBE_GAP * samples as u32;
+            let per_second = messages.len() as f64 / secs.max(1e-9) / 2.0;
+            let mut took = postgres_under_load(conn, workers, per_second, phase.keys, duration)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("PostgreSQL latency phase at {per_second:.0} msg/s: {e:#}")
+                })?;
+            took.sort();
+            Some(Latency {
+                offered: per_second,
+                p50_ms: latency::quantile_ms(&took, 0.5),
+                p99_ms: latency::quantile_ms(&took, 0.99),
+            })
+        }
+    };
     // The work happens in the PostgreSQL server, not in this process: report
     // the machine's CPU use instead.
     setup
@@ -386,7 +496,63 @@ async fn run_postgres(
         commits_per_flush: None,
         messages_per_flush: None,
         bytes_per_message: None,
+        latency,
     })
+}
+
+/// The hand-written pattern under an open-loop load of `per_second` new
+/// messages for `duration` (a request every 10 ms, as ordo's latency phase
+/// sends them): each message timed from being queued to its key's worker
+/// to its transaction's commit. The source is an in-memory queue, so
+/// nothing of a broker's own latency is counted.
+async fn postgres_under_load(
+    conn: &str,
+    workers: usize,
+    per_second: f64,
+    keys: usize,
+    duration: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    type Queued = (String, String, u64, Instant);
+    let mut senders = Vec::with_capacity(workers);
+    let mut tasks = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Queued>();
+        senders.push(tx);
+        let mut worker = PgWorker::connect(conn).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            while let Some((key, id, seq, queued)) = rx.recv().await {
+                worker.process(&key, &id, seq).await?;
+                took.push(queued.elapsed());
+            }
+            anyhow::Ok(took)
+        }));
+    }
+    let keys = keys.max(1);
+    let mut tick = tokio::time::interval(LOAD_INTERVAL);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
+        let now = Instant::now();
+        for j in sent..due {
+            let m = latency::msg(j % keys, 2_000_000 + (j / keys) as u64);
+            let w = crate::source::partition_for(&m.key, workers as u32) as usize;
+            let id = m.idempotency_key.unwrap_or_default();
+            let seq = 2_000_000 + (j / keys) as u64;
+            // A worker that failed has dropped its queue; its error is
+            // returned below.
+            let _ = senders[w].send((m.key, id, seq, now));
+        }
+        sent = due;
+    }
+    drop(senders);
+    let mut took = Vec::with_capacity(sent);
+    for t in tasks {
+        took.extend(t.await??);
+    }
+    Ok(took)
 }
 
 async fn futures_join(
@@ -427,6 +593,10 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     let wasm_wasip2 = super::handler_bytes(&args.handlers_dir, "counter-wasip2")?;
     let keys = args.keys.max(1);
     let messages = workload(args.messages, keys);
+    let phase = LatencyPhase {
+        samples: args.latency_samples,
+        keys,
+    };
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{msg:32} [{bar:30}] {pos}/{len} {per_sec}")
@@ -438,14 +608,20 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         Mode::Wasm(wasm.clone(), 1),
         true,
         &messages,
+        &phase,
+        None,
         &bar,
     )
     .await?;
+    // Every ordo run takes the same load: half the effectively-once drain.
+    let load_rate = eo.latency.map(|l| l.offered);
     let alo = run_ordo(
         "ordo at-least-once (no dedup), WASM",
         Mode::Wasm(wasm.clone(), 1),
         false,
         &messages,
+        &phase,
+        load_rate,
         &bar,
     )
     .await?;
@@ -454,6 +630,8 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         Mode::Native,
         true,
         &messages,
+        &phase,
+        load_rate,
         &bar,
     )
     .await?;
@@ -462,6 +640,8 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         Mode::Wasm(wasm, REUSE),
         true,
         &messages,
+        &phase,
+        load_rate,
         &bar,
     )
     .await?;
@@ -470,24 +650,35 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         Mode::Wasm(wasm_wasip2, 1),
         true,
         &messages,
+        &phase,
+        load_rate,
         &bar,
     )
     .await?;
     let pg_messages = workload(args.postgres_messages.min(args.messages), keys);
-    let postgres = run_postgres(&args.postgres, &pg_messages, 16, &bar).await?;
+    let postgres = run_postgres(&args.postgres, &pg_messages, 16, &phase, &bar).await?;
     bar.set_message("disk: fdatasync/s");
     let fsyncs = tokio::task::spawn_blocking(fsync_rate).await??;
     bar.finish_and_clear();
 
     let mut table = String::from(
-        "| run | messages | msg/s | CPU % (of all cores) | peak RSS MiB | commits per flush | messages per flush | bytes written per message |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| run | messages | msg/s | latency phase: load offered, msg/s | produce→committed p50 | produce→committed p99 | CPU % (of all cores) | peak RSS MiB | commits per flush | messages per flush | bytes written per message |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in [&eo, &alo, &native, &reuse, &wasip2, &postgres] {
         table.push_str(&format!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.messages,
             r.rate(),
+            r.latency
+                .map(|l| format!("{:.0}", l.offered))
+                .unwrap_or_else(|| "–".into()),
+            r.latency
+                .map(|l| format!("{:.2} ms", l.p50_ms))
+                .unwrap_or_else(|| "–".into()),
+            r.latency
+                .map(|l| format!("{:.2} ms", l.p99_ms))
+                .unwrap_or_else(|| "–".into()),
             fmt(r.cpu_pct, 0),
             fmt(r.peak_rss_mib, 0),
             r.commits_per_flush
@@ -502,7 +693,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         ));
     }
     table.push_str(&format!(
-        "| disk: 4 KiB write + fdatasync | – | {fsyncs:.0} fsync/s | – | – | – | – | – |\n"
+        "| disk: 4 KiB write + fdatasync | – | {fsyncs:.0} fsync/s | – | – | – | – | – | – | – | – |\n"
     ));
     let ratio = |a: &RunResult, b: &RunResult| a.rate() / b.rate().max(1e-9);
     table.push_str(&format!(
@@ -525,11 +716,20 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
         "## Side by side: effectively-once vs at-least-once vs native vs the PostgreSQL pattern\n\n\
          {}; counter logic, {} keys, 10 % duplicate deliveries, 16 partitions / workers; \
          ordo drains a pre-loaded embedded log in-process. WASM: the Rust counter built for \
-         `wasm32-unknown-unknown` (no WASI imports), unless the row says `wasm32-wasip2`.\n\
+         `wasm32-unknown-unknown` (no WASI imports), unless the row says `wasm32-wasip2`. \
+         Latency phase: after its drain, each run takes an open-loop load of new messages \
+         (a producer request every 10 ms over the same keys). Every ordo run is offered half \
+         the effectively-once WASM drain rate, so that its rows compare at one load (what the \
+         host then also spends on ingesting the load is not in the drain rate), while {} probes \
+         on a key of their own are each timed from produce to committed (durable, through the \
+         embedded log). The PostgreSQL pattern is offered half its own rate and each of its \
+         messages is timed from being queued to its worker (an in-memory source: no broker's \
+         latency) to its commit.\n\
          Reproduce: `scripts/build-guests.sh && cargo run --release -- bench compare` \
          (PostgreSQL on 127.0.0.1, database `test`).\n\n{table}",
         super::machine_summary(),
-        keys
+        keys,
+        args.latency_samples,
     );
     super::record_section(&args.output, "compare", &body)?;
     Ok(())

@@ -4,6 +4,7 @@
 mod compare;
 mod dedup;
 mod jetstream;
+mod latency;
 mod pipeline;
 mod report;
 mod sandbox;

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::api::ingest::IncomingMessage;
-use crate::dispatch::LanePosition;
+use super::latency::{self, msg};
 use crate::host::{Host, HostConfig};
 
 /// Options of `ordo bench pipeline`.
@@ -54,23 +53,10 @@ pub struct PipelineArgs {
     output: PathBuf,
 }
 
-/// How long a probe may wait for its message to be committed before the
-/// offered load is declared not sustained.
-const PROBE_DEADLINE: Duration = Duration::from_secs(10);
-
 fn fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
         _ => Err(format!("{s:?} is not a fraction in (0, 1]")),
-    }
-}
-
-fn msg(key: usize, seq: u64) -> IncomingMessage {
-    IncomingMessage {
-        key: format!("key-{key}"),
-        idempotency_key: Some(format!("key-{key}/{seq}")),
-        payload: format!("{{\"seq\":{seq}}}").into_bytes(),
-        headers: vec![],
     }
 }
 
@@ -132,79 +118,33 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let m = msg(i % keys, 1_000_000 + i as u64);
         let mut position = host.lane_position("counter", &m.key)?;
         let start = Instant::now();
-        let offset = ingest_one(&host, m).await?;
-        reached(&mut position, |p| p.committed > offset, start).await?;
+        let offset = latency::ingest_one(&host, m).await?;
+        latency::reached(&mut position, |p| p.committed > offset, start).await?;
         samples.push(start.elapsed());
     }
     samples.sort();
-    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+    let pct = |p: f64| latency::quantile_ms(&samples, p);
 
-    // Latency at a fraction (half, by default) of the measured drain rate:
-    // an open-loop load (a producer request every `load_interval_ms`, each
-    // on its own task whether or not the earlier ones were answered, as
-    // independent producers would send them) plus probe messages on their
-    // own key, each timed from produce to its lane's committed position
-    // passing it (applied, durable and counted).
-    let per_second = args
-        .load_rate
-        .map_or(rate * args.load_fraction, |r| f64::from(r.max(1)));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (host, stop) = (host.clone(), stop.clone());
-        let interval = Duration::from_millis(args.load_interval_ms);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            let mut requests = tokio::task::JoinSet::new();
-            let started = Instant::now();
-            let mut sent = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                tick.tick().await;
-                // Every message due by now, so a late tick does not lower
-                // the offered rate.
-                let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
-                let batch: Vec<IncomingMessage> = (sent..due)
-                    .map(|j| msg(j % keys, 2_000_000 + (j / keys) as u64))
-                    .collect();
-                sent = due;
-                if !batch.is_empty() {
-                    let host = host.clone();
-                    requests.spawn(async move { host.ingest("bench", batch).await });
-                }
-                while let Some(done) = requests.try_join_next() {
-                    done??;
-                }
-            }
-            while let Some(done) = requests.join_next().await {
-                done??;
-            }
-            anyhow::Ok((sent, started.elapsed()))
-        })
+    // Latency at a fraction (half, by default) of the measured drain rate.
+    let load = latency::Load {
+        per_second: args
+            .load_rate
+            .map_or(rate * args.load_fraction, |r| f64::from(r.max(1))),
+        interval: Duration::from_millis(args.load_interval_ms),
+        keys,
+        samples: args.latency_samples,
     };
-    let load_flushes0 = host.committer().flushes();
-    let load_meter = super::compare::Meter::start();
-    let probed = probe(&host, args.latency_samples).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (_, load_cpu, _) = load_meter.finish();
-    let load_flushes = host.committer().flushes() - load_flushes0;
-    let loaded = load.await?;
-    let (mut stages, (sent, load_time)) = match (probed, loaded) {
-        (Ok(stages), Ok(loaded)) => (stages, loaded),
-        (Err(e), _) | (_, Err(e)) => {
+    let loaded = match latency::under_load(&host, &load).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
             host.shutdown().await?;
             anyhow::bail!(
-                "latency phase at {per_second:.0} msg/s offered: {e:#}; \
-                 try a lower --load-fraction"
+                "latency phase at {:.0} msg/s offered: {e:#}; try a lower --load-fraction",
+                load.per_second
             );
         }
     };
-    let load_secs = load_time.as_secs_f64().max(0.001);
-    let mut pcts = |i: usize| {
-        stages[i].sort();
-        let v = &stages[i];
-        let at = |p: f64| v[((v.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
-        (at(0.5), at(0.99))
-    };
-    let (committed, ingested, applied) = (pcts(0), pcts(1), pcts(2));
+    let load_cpu = loaded.cpu_pct;
     host.shutdown().await?;
 
     let table = format!(
@@ -230,14 +170,14 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
             None => format!("{:.0} % of the drain rate", args.load_fraction * 100.0),
         },
         args.load_interval_ms,
-        sent as f64 / load_secs,
-        committed.0,
-        committed.1,
-        ingested.0,
-        ingested.1,
-        applied.0,
-        applied.1,
-        load_flushes as f64 / load_secs,
+        loaded.sent as f64 / loaded.secs,
+        loaded.ms(0, 0.5),
+        loaded.ms(0, 0.99),
+        loaded.ms(1, 0.5),
+        loaded.ms(1, 0.99),
+        loaded.ms(2, 0.5),
+        loaded.ms(2, 0.99),
+        loaded.flushes as f64 / loaded.secs,
     );
     println!("{table}");
     let body = format!(
@@ -256,70 +196,4 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
     );
     super::record_section(&args.output, "pipeline", &body)?;
     Ok(())
-}
-
-/// Sends `samples` probe messages on their own key, 20 ms apart, and times
-/// each: `[produce→committed, produce→ingest returned (durable in the log),
-/// produce→applied by the lane]`, read from the lane's position (committed:
-/// the batch holding it is durable and counted), then checks the state the
-/// probe left.
-async fn probe(host: &Host, samples: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
-    let mut stages: [Vec<Duration>; 3] = Default::default();
-    let mut position = host.lane_position("counter", "probe")?;
-    for i in 0..samples {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let start = Instant::now();
-        let offset = ingest_one(
-            host,
-            IncomingMessage {
-                key: "probe".into(),
-                idempotency_key: Some(format!("probe/{i}")),
-                payload: format!("{{\"seq\":{}}}", i + 1).into_bytes(),
-                headers: vec![],
-            },
-        )
-        .await?;
-        let ingested = start.elapsed();
-        reached(&mut position, |p| p.applied > offset, start).await?;
-        let applied = start.elapsed();
-        reached(&mut position, |p| p.committed > offset, start).await?;
-        stages[0].push(start.elapsed());
-        stages[1].push(ingested);
-        stages[2].push(applied);
-        let want = (i + 1).to_string();
-        let count = host.state_get("counter", "probe", "count")?;
-        anyhow::ensure!(
-            count.as_deref() == Some(want.as_bytes()),
-            "probe {i} committed but the count is {:?}, not {want}",
-            count.map(|c| String::from_utf8_lossy(&c).into_owned())
-        );
-    }
-    Ok(stages)
-}
-
-/// Produces one message; its offset.
-async fn ingest_one(host: &Host, m: IncomingMessage) -> anyhow::Result<u64> {
-    host.ingest("bench", vec![m])
-        .await?
-        .first()
-        .copied()
-        .ok_or_else(|| anyhow::anyhow!("ingest returned no offset"))
-}
-
-/// Waits until the lane's position satisfies `done`, at most
-/// [`PROBE_DEADLINE`] after `start`.
-async fn reached(
-    position: &mut tokio::sync::watch::Receiver<LanePosition>,
-    done: impl FnMut(&LanePosition) -> bool,
-    start: Instant,
-) -> anyhow::Result<()> {
-    let left = PROBE_DEADLINE.saturating_sub(start.elapsed());
-    match tokio::time::timeout(left, position.wait_for(done)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(_)) => anyhow::bail!("the handler's lane stopped"),
-        Err(_) => anyhow::bail!(
-            "not sustained: a probe was not committed within {} s",
-            PROBE_DEADLINE.as_secs()
-        ),
-    }
 }
