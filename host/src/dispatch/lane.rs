@@ -677,6 +677,10 @@ struct Builder<'a> {
     /// do not share one.
     session: Option<Session<'a>>,
     session_version: u64,
+    /// The handler's invocation metrics, looked up once per batch (a
+    /// lookup hashes the label under a lock).
+    handler_seconds: prometheus_client::metrics::histogram::Histogram,
+    instances: prometheus_client::metrics::counter::Counter,
 }
 
 /// How a failed attempt ends.
@@ -689,6 +693,7 @@ enum Verdict {
 
 impl<'a> Builder<'a> {
     fn new(lane: &'a LaneView<'a>) -> Self {
+        let ctx = lane.ctx;
         Builder {
             lane,
             batch: CommitBatch::default(),
@@ -696,6 +701,12 @@ impl<'a> Builder<'a> {
             pending: HashMap::new(),
             session: None,
             session_version: 0,
+            handler_seconds: ctx
+                .metrics
+                .handler_seconds
+                .get_or_create(&ctx.label)
+                .clone(),
+            instances: ctx.metrics.instances.get_or_create(&ctx.label).clone(),
         }
     }
 
@@ -731,12 +742,9 @@ impl<'a> Builder<'a> {
         let start = std::time::Instant::now();
         let (invocation, mut key_pending) =
             self.invoke_with_host_retries(runnable, msg, &log_span)?;
-        ctx.metrics
-            .handler_seconds
-            .get_or_create(&ctx.label)
-            .observe(start.elapsed().as_secs_f64());
+        self.handler_seconds.observe(start.elapsed().as_secs_f64());
         if invocation.fresh_instance {
-            ctx.metrics.instances.get_or_create(&ctx.label).inc();
+            self.instances.inc();
         }
         if invocation.memory_grew {
             ctx.metrics.memory_grown.get_or_create(&ctx.label).inc();
