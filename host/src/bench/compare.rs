@@ -45,7 +45,7 @@ pub struct CompareArgs {
     keys: usize,
     /// Probes timed in each run's latency phase, one every 20 ms, at half
     /// the rate the run drained (0 leaves the latency phase out).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 500)]
     latency_samples: usize,
     /// PostgreSQL connection string of the baseline.
     #[arg(long, default_value = "host=127.0.0.1 user=postgres dbname=test")]
