@@ -43,8 +43,9 @@ pub struct CompareArgs {
     /// Partition keys.
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
-    /// Probes timed in each run's latency phase, one every 20 ms, at half
-    /// the rate the run drained (0 leaves the latency phase out).
+    /// Probes timed in each ordo run's latency phase, one every 20 ms,
+    /// under half the effectively-once drain rate (the PostgreSQL pattern
+    /// takes half its own rate for as long); 0 leaves the phase out.
     #[arg(long, default_value_t = 500)]
     latency_samples: usize,
     /// PostgreSQL connection string of the baseline.
@@ -94,7 +95,7 @@ fn workload(messages: usize, keys: usize) -> Vec<IncomingMessage> {
     let mut out = Vec::with_capacity(messages * 11 / 10);
     for i in 0..messages {
         let (key, seq, dup) = nth(i, keys);
-        let m = super::latency::msg(key, seq);
+        let m = latency::msg(key, seq);
         if dup {
             out.push(m.clone());
         }
@@ -232,8 +233,9 @@ const REUSE: u32 = 64;
 /// Time between two producer requests of a latency phase.
 const LOAD_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The latency phase every run ends with: an open-loop load at half the
-/// rate the run drained.
+/// The latency phase every run ends with: an open-loop load of new
+/// messages (half the effectively-once drain rate for the ordo runs, half
+/// its own rate for the PostgreSQL pattern).
 struct LatencyPhase {
     /// Probes to time (none: no latency phase).
     samples: usize,
@@ -537,10 +539,10 @@ async fn postgres_under_load(
         let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
         let now = Instant::now();
         for j in sent..due {
-            let m = latency::msg(j % keys, 2_000_000 + (j / keys) as u64);
+            let (key, seq) = latency::load_seq(j, keys);
+            let m = latency::msg(key, seq);
             let w = crate::source::partition_for(&m.key, workers as u32) as usize;
             let id = m.idempotency_key.unwrap_or_default();
-            let seq = 2_000_000 + (j / keys) as u64;
             // A worker that failed has dropped its queue; its error is
             // returned below.
             let _ = senders[w].send((m.key, id, seq, now));

@@ -31,6 +31,12 @@ pub(super) fn msg(key: usize, seq: u64) -> IncomingMessage {
     }
 }
 
+/// (key, seq) of the `j`-th message of a load over `keys` keys: the keys
+/// in turn, with sequence numbers above any a bench's backlog uses.
+pub(super) fn load_seq(j: usize, keys: usize) -> (usize, u64) {
+    (j % keys, 2_000_000 + (j / keys) as u64)
+}
+
 /// The load of a latency phase.
 pub(super) struct Load {
     /// Messages offered per second.
@@ -93,7 +99,10 @@ pub(super) async fn under_load(host: &Arc<Host>, load: &Load) -> anyhow::Result<
                 // the offered rate.
                 let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
                 let batch: Vec<IncomingMessage> = (sent..due)
-                    .map(|j| msg(j % keys, 2_000_000 + (j / keys) as u64))
+                    .map(|j| {
+                        let (key, seq) = load_seq(j, keys);
+                        msg(key, seq)
+                    })
                     .collect();
                 sent = due;
                 if !batch.is_empty() {
