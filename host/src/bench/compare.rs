@@ -321,11 +321,13 @@ async fn run_ordo(
         samples => {
             bar.set_message(format!("{name}: latency at half load"));
             bar.set_length(samples as u64);
+            bar.set_position(0);
             let load = latency::Load {
                 per_second: load_rate.unwrap_or(total as f64 / secs.max(1e-9) / 2.0),
                 interval: LOAD_INTERVAL,
                 keys: phase.keys,
                 samples,
+                progress: Some(bar.clone()),
             };
             match latency::under_load(&host, &load).await {
                 Ok(loaded) => Some(Latency {
@@ -481,12 +483,14 @@ async fn run_postgres(
     let latency = match phase.samples {
         0 => None,
         samples => {
-            bar.set_message("postgres baseline: latency at half load");
-            bar.set_length(0);
+            bar.set_message("postgres baseline: latency at half load (ms)");
             // As long as an ordo run's probes take at the least.
             let duration = latency::PROBE_GAP * samples as u32;
+            bar.set_length(duration.as_millis() as u64);
+            bar.set_position(0);
             let per_second = messages.len() as f64 / secs.max(1e-9) / 2.0;
-            match postgres_under_load(conn, workers, per_second, phase.keys, duration).await {
+            let load = postgres_under_load(conn, workers, per_second, phase.keys, duration, bar);
+            match load.await {
                 Ok(mut took) => {
                     took.sort();
                     Some(Latency {
@@ -530,6 +534,7 @@ async fn postgres_under_load(
     per_second: f64,
     keys: usize,
     duration: Duration,
+    bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<Duration>> {
     type Queued = (String, String, u64, Instant);
     let mut senders = Vec::with_capacity(workers);
@@ -565,6 +570,7 @@ async fn postgres_under_load(
             let _ = senders[w].send((m.key, id, seq, now));
         }
         sent = due;
+        bar.set_position(started.elapsed().as_millis() as u64);
     }
     drop(senders);
     let mut took = Vec::with_capacity(sent);

@@ -47,6 +47,8 @@ pub(super) struct Load {
     pub keys: usize,
     /// Probes to time (one every 20 ms).
     pub samples: usize,
+    /// Advanced by one per probe timed.
+    pub progress: Option<indicatif::ProgressBar>,
 }
 
 /// What a latency phase measured.
@@ -121,7 +123,7 @@ pub(super) async fn under_load(host: &Arc<Host>, load: &Load) -> anyhow::Result<
     };
     let flushes0 = host.committer().flushes();
     let meter = super::compare::Meter::start();
-    let probed = probe(host, load.samples).await;
+    let probed = probe(host, load.samples, load.progress.as_ref()).await;
     stop.store(true, Ordering::Relaxed);
     let (_, cpu_pct, _) = meter.finish();
     let flushes = host.committer().flushes() - flushes0;
@@ -144,7 +146,11 @@ pub(super) async fn under_load(host: &Arc<Host>, load: &Load) -> anyhow::Result<
 /// produce→applied by the lane]`, read from the lane's position (committed:
 /// the batch holding it is durable and counted), then checks the state the
 /// probe left.
-async fn probe(host: &Host, samples: usize) -> anyhow::Result<[Vec<Duration>; 3]> {
+async fn probe(
+    host: &Host,
+    samples: usize,
+    progress: Option<&indicatif::ProgressBar>,
+) -> anyhow::Result<[Vec<Duration>; 3]> {
     let mut stages: [Vec<Duration>; 3] = Default::default();
     let mut position = host.lane_position("counter", "probe")?;
     for i in 0..samples {
@@ -167,6 +173,9 @@ async fn probe(host: &Host, samples: usize) -> anyhow::Result<[Vec<Duration>; 3]
         stages[0].push(start.elapsed());
         stages[1].push(ingested);
         stages[2].push(applied);
+        if let Some(bar) = progress {
+            bar.inc(1);
+        }
         let want = (i + 1).to_string();
         let count = host.state_get("counter", "probe", "count")?;
         anyhow::ensure!(

@@ -133,6 +133,7 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<()> {
         interval: Duration::from_millis(args.load_interval_ms),
         keys,
         samples: args.latency_samples,
+        progress: None,
     };
     let loaded = match latency::under_load(&host, &load).await {
         Ok(loaded) => loaded,
