@@ -759,3 +759,17 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
     super::record_section(&args.output, "compare", &body)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_latency_phase_reads_not_sustained_in_the_table() {
+        assert_eq!(Latency::cell(1.234), "1.23 ms");
+        let failed = Latency::not_sustained("run", 100.0, &anyhow::anyhow!("probe late"));
+        assert_eq!(Latency::cell(failed.p50_ms), "not sustained");
+        assert_eq!(Latency::cell(failed.p99_ms), "not sustained");
+        assert_eq!(failed.offered, 100.0);
+    }
+}

@@ -213,3 +213,43 @@ pub(super) async fn reached(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_index_the_sorted_samples_and_an_empty_set_has_none() {
+        assert!(quantile_ms(&[], 0.5).is_nan());
+        let one = [Duration::from_millis(3)];
+        assert_eq!(quantile_ms(&one, 0.5), 3.0);
+        assert_eq!(quantile_ms(&one, 0.99), 3.0);
+        // 1..=100 ms: p50 is the 50th sample (index 49), p99 the 99th.
+        let hundred: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(quantile_ms(&hundred, 0.5), 50.0);
+        assert_eq!(quantile_ms(&hundred, 0.99), 99.0);
+        assert_eq!(quantile_ms(&hundred, 1.0), 100.0);
+    }
+
+    #[test]
+    fn a_load_visits_every_key_in_turn_above_the_backlogs_sequences() {
+        let keys = 3;
+        let seen: Vec<(usize, u64)> = (0..7).map(|j| load_seq(j, keys)).collect();
+        assert_eq!(
+            seen,
+            vec![
+                (0, 2_000_000),
+                (1, 2_000_000),
+                (2, 2_000_000),
+                (0, 2_000_001),
+                (1, 2_000_001),
+                (2, 2_000_001),
+                (0, 2_000_002),
+            ]
+        );
+        let m = msg(2, 2_000_001);
+        assert_eq!(m.key, "key-2");
+        assert_eq!(m.idempotency_key.as_deref(), Some("key-2/2000001"));
+        assert_eq!(m.payload, b"{\"seq\":2000001}");
+    }
+}
