@@ -211,8 +211,12 @@ async fn counter_oracle_over_jetstream_with_broker_accepted_duplicates() {
         )
         .await
         .expect("deploy");
+    // The counts are published once a batch is durable, a flush after the
+    // lane's position (and so the lag) moved: wait for all three.
     let h = wait_for(&client, "counter", "drained", |h| {
-        h["processed"].as_u64() == Some(KEYS * PER_KEY) && h["lag"] == 0
+        h["processed"].as_u64() == Some(KEYS * PER_KEY)
+            && h["duplicates"].as_u64() == Some(dups.len() as u64)
+            && h["lag"] == 0
     })
     .await;
     assert_eq!(h["duplicates"].as_u64(), Some(dups.len() as u64), "{h}");
