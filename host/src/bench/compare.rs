@@ -553,14 +553,11 @@ async fn postgres_under_load(
         }));
     }
     let keys = keys.max(1);
-    let mut tick = tokio::time::interval(LOAD_INTERVAL);
-    let started = Instant::now();
-    let mut sent = 0usize;
-    while started.elapsed() < duration {
-        tick.tick().await;
-        let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
+    let mut pacer = latency::Pacer::new(per_second, LOAD_INTERVAL);
+    while pacer.elapsed() < duration {
+        let due = pacer.next().await;
         let now = Instant::now();
-        for j in sent..due {
+        for j in due {
             let (key, seq) = latency::load_seq(j, keys);
             let m = latency::msg(key, seq);
             let w = crate::source::partition_for(&m.key, workers as u32) as usize;
@@ -569,11 +566,10 @@ async fn postgres_under_load(
             // returned below.
             let _ = senders[w].send((m.key, id, seq, now));
         }
-        sent = due;
-        bar.set_position(started.elapsed().as_millis() as u64);
+        bar.set_position(pacer.elapsed().as_millis() as u64);
     }
     drop(senders);
-    let mut took = Vec::with_capacity(sent);
+    let mut took = Vec::with_capacity(pacer.sent());
     for t in tasks {
         took.extend(t.await??);
     }

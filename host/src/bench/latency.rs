@@ -37,6 +37,48 @@ pub(super) fn load_seq(j: usize, keys: usize) -> (usize, u64) {
     (j % keys, 2_000_000 + (j / keys) as u64)
 }
 
+/// Paces an open-loop load: at every tick of `interval`, the messages due
+/// by then at `per_second`, whether or not earlier ones were answered.
+pub(super) struct Pacer {
+    tick: tokio::time::Interval,
+    started: Instant,
+    per_second: f64,
+    sent: usize,
+}
+
+impl Pacer {
+    pub fn new(per_second: f64, interval: Duration) -> Pacer {
+        Pacer {
+            tick: tokio::time::interval(interval),
+            started: Instant::now(),
+            per_second,
+            sent: 0,
+        }
+    }
+
+    /// Waits for the next tick; the indices of the messages due since the
+    /// last one. Every message due by now, so a late tick does not lower
+    /// the offered rate.
+    pub async fn next(&mut self) -> std::ops::Range<usize> {
+        self.tick.tick().await;
+        let due =
+            ((self.started.elapsed().as_secs_f64() * self.per_second) as usize).max(self.sent);
+        let range = self.sent..due;
+        self.sent = due;
+        range
+    }
+
+    /// Messages due so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Time since the load started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
 /// The load of a latency phase.
 pub(super) struct Load {
     /// Messages offered per second.
@@ -91,22 +133,17 @@ pub(super) async fn under_load(host: &Arc<Host>, load: &Load) -> anyhow::Result<
         let (host, stop) = (host.clone(), stop.clone());
         let (per_second, interval, keys) = (load.per_second, load.interval, load.keys.max(1));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            let mut pacer = Pacer::new(per_second, interval);
             let mut requests = tokio::task::JoinSet::new();
-            let started = Instant::now();
-            let mut sent = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                // Every message due by now, so a late tick does not lower
-                // the offered rate.
-                let due = ((started.elapsed().as_secs_f64() * per_second) as usize).max(sent);
-                let batch: Vec<IncomingMessage> = (sent..due)
+                let batch: Vec<IncomingMessage> = pacer
+                    .next()
+                    .await
                     .map(|j| {
                         let (key, seq) = load_seq(j, keys);
                         msg(key, seq)
                     })
                     .collect();
-                sent = due;
                 if !batch.is_empty() {
                     let host = host.clone();
                     requests.spawn(async move { host.ingest("bench", batch).await });
@@ -118,7 +155,7 @@ pub(super) async fn under_load(host: &Arc<Host>, load: &Load) -> anyhow::Result<
             while let Some(done) = requests.join_next().await {
                 done??;
             }
-            anyhow::Ok((sent, started.elapsed()))
+            anyhow::Ok((pacer.sent(), pacer.elapsed()))
         })
     };
     let flushes0 = host.committer().flushes();
